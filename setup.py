@@ -1,0 +1,116 @@
+"""Build and install ctxext_kernels.
+
+The native module `ctxext_kernels._C` is built by CMake (CMakeLists.txt, ninja): its host part always, its CUDA
+kernels when nvcc is found and CTXEXT_BUILD_CUDA is not "0". If no C++ toolchain works at all, the package still
+installs (Triton kernels + the PyTorch reference) and says so.
+
+Environment:
+    CTXEXT_BUILD_CUDA   "0" skips the CUDA kernels (default: build them when nvcc is found)
+    CTXEXT_CUDA_ARCHS   CUDA archs, e.g. "90" or "80;90" (default: 80;86;89;90, plus 100;120 on CUDA >= 12.8)
+    CUDACXX / CUDA_HOME where nvcc lives, when it is not on PATH
+    MAX_JOBS            parallel compile jobs
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def read_version() -> str:
+    namespace: dict = {}
+    exec((ROOT / "ctxext_kernels" / "_version.py").read_text(), namespace)
+    return namespace["__version__"]
+
+
+def find_nvcc() -> str | None:
+    for candidate in (os.environ.get("CUDACXX"), os.environ.get("CUDA_HOME") and
+                      os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc"), shutil.which("nvcc"),
+                      "/usr/local/cuda/bin/nvcc"):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    """Configure and build CMakeLists.txt into the extension's output folder (in-place for editable installs)."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as exc:  # noqa: BLE001 - any toolchain failure: the pure-python package still works
+            self.warn("\n" + "=" * 100 + f"\nctxext_kernels: the native extension failed to build ({exc}).\n"
+                      "Installing without it: the 'cuda' and 'cpu' RoPE backends are unavailable; Triton and the "
+                      "PyTorch reference still work.\n" + "=" * 100)
+
+    def build_extension(self, ext: Extension):
+        import pybind11
+
+        output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        nvcc = find_nvcc() if os.environ.get("CTXEXT_BUILD_CUDA", "1") != "0" else None
+        args = [
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCTXEXT_OUTPUT_DIR={output_dir}",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCTXEXT_WITH_CUDA={'ON' if nvcc else 'OFF'}",
+        ]
+        if shutil.which("ninja"):
+            args.append("-GNinja")
+        if nvcc:
+            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCTXEXT_CUDA_ARCHS={os.environ.get('CTXEXT_CUDA_ARCHS', '')}"]
+        self.announce(f"ctxext_kernels: building _C with {'CUDA (' + nvcc + ')' if nvcc else 'no CUDA'}", level=2)
+        print(f"ctxext_kernels: CUDA {'enabled, nvcc ' + nvcc if nvcc else 'disabled (no nvcc or CTXEXT_BUILD_CUDA=0)'}",
+              flush=True)
+        start = time.perf_counter()
+        subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)
+        print(f"ctxext_kernels: _C built in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+setup(
+    name="ctxext_kernels",
+    version=read_version(),
+    description="Exact-angle RoPE kernels (CUDA, Triton), fused RoPE + FlashAttention, a transformers drop-in and "
+                "PoSE context-window extension",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ctxext_kernels", "ctxext_kernels.*"]),
+    ext_modules=[CMakeExtension("ctxext_kernels._C")],
+    cmdclass={"build_ext": CMakeBuild},
+    install_requires=[
+        "torch>=2.4",
+        "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "transformers>=4.57",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={
+        "dev": ["pytest", "gguf", "accelerate", "matplotlib", "mpmath"],
+        "flash": ["flash-attn"],
+    },
+    entry_points={
+        "console_scripts": [
+            "ctxext-train = ctxext_kernels.pose.train:main",
+            "ctxext-eval = ctxext_kernels.pose.eval:main",
+            "ctxext-env = ctxext_kernels.env:main",
+        ],
+    },
+    zip_safe=False,
+)
