@@ -1,0 +1,136 @@
+"""The math header and the kernel's work items, compiled for the host (ctxext_kernels._C), against float64 written here.
+
+`_C.host_cos_sin` evaluates `rope_cos_sin` of csrc/include/ctxext/rope_math.h exactly as the CUDA kernel does;
+`cuda_ext.rope_forward` on CPU tensors runs the kernel's items (csrc/include/ctxext/rope_tile.h) on the host.
+"""
+
+import importlib
+import os
+
+import numpy as np
+import pytest
+import torch
+
+try:
+    _C = importlib.import_module("ctxext_kernels._C")
+except ImportError as exc:
+    if os.environ.get("CTXEXT_REQUIRE_HOST_BUILD") == "1":
+        raise
+    pytest.skip(f"ctxext_kernels._C is not built ({exc}); reinstall with a C++ compiler", allow_module_level=True)
+
+from ctxext_kernels.ops import cuda_ext  # noqa: E402
+
+MAX_POSITION = 2**24 - 1
+
+
+def _frequencies() -> np.ndarray:
+    """fp32 inv_freq of common rope thetas and head dims, plus random ones over the whole useful range."""
+    tables = [1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+              for theta, dim in ((10_000.0, 128), (500_000.0, 128), (100_000.0, 64), (1_000_000.0, 80))]
+    rng = np.random.default_rng(0)
+    tables.append(10.0 ** rng.uniform(-7.0, 0.0, 200))
+    return np.concatenate(tables).astype(np.float32)
+
+
+def _positions() -> np.ndarray:
+    """Edges (powers of two and their neighbours, the largest position) and random positions up to 2^24 - 1."""
+    edges = [0, 1, 2, 3, MAX_POSITION, MAX_POSITION - 1]
+    for e in range(4, 25):
+        edges += [2**e - 1, 2**e, 2**e + 1]
+    rng = np.random.default_rng(1)
+    return np.unique(np.clip(np.concatenate([edges, rng.integers(0, 2**24, 400)]), 0, MAX_POSITION)).astype(np.int64)
+
+
+def _float64_cos_sin(positions: np.ndarray, inv_freq: np.ndarray, scaling: float):
+    # position * inv_freq is exact in float64 (24-bit integer times 24-bit mantissa), and numpy's cos/sin reduce
+    # large float64 arguments correctly: this is the true cos/sin of the fp32 inv_freq's angle.
+    angle = positions.astype(np.float64)[:, None] * inv_freq.astype(np.float64)[None, :]
+    return scaling * np.cos(angle), scaling * np.sin(angle)
+
+
+@pytest.mark.parametrize("scaling", [1.0, 1.2079441541679836])
+def test_exact_angle_within_1e6_everywhere(scaling):
+    positions, inv_freq = _positions(), _frequencies()
+    cos, sin = _C.host_cos_sin(positions, inv_freq, scaling, True, False)
+    want_cos, want_sin = _float64_cos_sin(positions, inv_freq, scaling)
+    worst = max(np.abs(cos - want_cos).max(), np.abs(sin - want_sin).max())
+    assert worst < 1e-6 * scaling, f"exact mode: worst |error| {worst:.3g} over {cos.size} (position, freq) pairs"
+
+
+def test_fp32_product_is_measurably_worse_at_large_positions():
+    # The plain fp32 product (transformers' parity mode) is off by far more than 1e-3 at large positions: this is
+    # what the exact mode fixes, and it shows the comparison above can fail.
+    positions, inv_freq = _positions(), _frequencies()
+    large = positions[positions >= 2**20]
+    cos, sin = _C.host_cos_sin(large, inv_freq, 1.0, False, False)
+    want_cos, want_sin = _float64_cos_sin(large, inv_freq, 1.0)
+    assert max(np.abs(cos - want_cos).max(), np.abs(sin - want_sin).max()) > 1e-3
+    small = positions[positions < 2**10]  # the product's rounding error is below ulp(1024) / 2 = 2^-14 here
+    cos, sin = _C.host_cos_sin(small, inv_freq, 1.0, False, False)
+    want_cos, want_sin = _float64_cos_sin(small, inv_freq, 1.0)
+    assert max(np.abs(cos - want_cos).max(), np.abs(sin - want_sin).max()) < 2**-14
+
+
+def test_conjugate_negates_sin_only():
+    positions, inv_freq = _positions()[:50], _frequencies()[:50]
+    cos, sin = _C.host_cos_sin(positions, inv_freq, 1.0, True, False)
+    cos_c, sin_c = _C.host_cos_sin(positions, inv_freq, 1.0, True, True)
+    np.testing.assert_array_equal(cos_c, cos)
+    np.testing.assert_array_equal(sin_c, -sin)
+
+
+def test_position_out_of_range_is_rejected():
+    with pytest.raises(ValueError, match="positions"):
+        _C.host_cos_sin(np.array([2**24]), np.ones(1, np.float32))
+
+
+def _rotate(q, positions, inv_freq, scaling=1.0, q_out=None):
+    q_out = torch.empty_like(q) if q_out is None else q_out
+    cuda_ext.rope_forward(q, None, q_out, None, positions, inv_freq, scaling, False, False, True)
+    return q_out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dtype_rounding_matches_torch(dtype):
+    # At position 0 the rotation is a multiplication by `scaling` in fp32 followed by one rounding to the dtype: the
+    # header's host conversions must round exactly like torch (nearest even, subnormals, overflow to inf). Inputs
+    # stay finite (an infinite x2 would give inf * sin(0) = nan in any rotation), outputs near 65504 overflow.
+    g = torch.Generator().manual_seed(0)
+    magnitudes = torch.logspace(-30, np.log10(60000.0), 4000, dtype=torch.float64).float()
+    x = magnitudes * torch.where(torch.rand(magnitudes.shape, generator=g) < 0.5, -1.0, 1.0)
+    q = x.to(dtype).reshape(1, 1, -1, 8)
+    scaling = 1.3711
+    out = _rotate(q, torch.zeros(1, 1, dtype=torch.int64), torch.full((4,), 0.5), scaling)
+    torch.testing.assert_close(out, (q.float() * scaling).to(dtype), rtol=0, atol=0)
+
+
+def test_vectorized_and_scalar_paths_agree():
+    # Same rows, once 16-byte aligned (vector loads) and once shifted by one element (scalar fallback).
+    g = torch.Generator().manual_seed(0)
+    aligned = torch.randn(2, 5, 4, 64, generator=g).to(torch.bfloat16)
+    shifted = torch.empty(aligned.numel() + 1, dtype=torch.bfloat16)[1:].view(aligned.shape)
+    shifted.copy_(aligned)
+    assert aligned.data_ptr() % 16 == 0 and shifted.data_ptr() % 16 != 0
+    positions = torch.randint(0, 2**20, (2, 5), generator=g)
+    inv_freq = 1.0 / 10_000.0 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64)
+    torch.testing.assert_close(_rotate(shifted, positions, inv_freq), _rotate(aligned, positions, inv_freq),
+                               rtol=0, atol=0)
+
+
+_Q = torch.randn(2, 3, 4, 16)
+_POSITIONS = torch.zeros(2, 3, dtype=torch.int64)
+_INV_FREQ = torch.ones(4)
+
+
+@pytest.mark.parametrize("q, q_out, positions, inv_freq, message", [
+    (_Q[..., ::2], None, _POSITIONS, _INV_FREQ, "q: last dimension must be contiguous \\(stride 1\\), got stride 2"),
+    (_Q, torch.empty(2, 3, 4, 8), _POSITIONS, _INV_FREQ, "q_out: shape \\[2, 3, 4, 8\\] must equal q's shape"),
+    (_Q, _Q.transpose(0, 1), _POSITIONS, _INV_FREQ, "q_out: shape"),
+    (_Q, _Q.as_strided(_Q.shape, (48, 16, 4, 1)), _POSITIONS, _INV_FREQ,
+     "q_out: shares q's data pointer with different strides"),
+    (_Q, None, _POSITIONS, torch.ones(9), "inv_freq: rotary_dim = 2 \\* 9 = 18 exceeds the head dim 16"),
+    (_Q, None, _POSITIONS.T, _INV_FREQ, "positions: shape must be \\[B, S\\] = \\[2, 3\\], got \\[3, 2\\]"),
+])
+def test_argument_errors_name_the_argument(q, q_out, positions, inv_freq, message):
+    with pytest.raises(ValueError, match=message):
+        _rotate(q, positions, inv_freq, q_out=q_out)
