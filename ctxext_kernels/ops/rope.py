@@ -65,7 +65,9 @@ def _launcher(backend: str) -> Callable:
     return reference.rope_forward
 
 
-def _pick_backend(backend: str | None, device: torch.device) -> str:
+@torch.compiler.assume_constant_result  # host configuration: torch.compile bakes the choice in, never traces it
+def _resolve_backend(backend: str | None, device_type: str) -> str:
+    device = torch.device(device_type)
     available = backends(device)
     if backend is None:
         preference = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
@@ -291,7 +293,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor | No
     else:
         inv_freq = spec.inv_freq
     inv_freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
-    backend = _pick_backend(backend, q.device)
+    backend = _resolve_backend(backend, q.device.type)
     args = (positions, inv_freq, float(spec.attention_scaling), layout, interleaved)
     exact = spec.angle == "exact"
     if inplace:

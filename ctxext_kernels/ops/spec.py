@@ -205,8 +205,10 @@ def _init_longrope(params, head_dim, max_pos, seq_len, device):
     scaling = params.get("attention_factor")
     if scaling is None:
         scaling = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-    long = seq_len is not None and seq_len > original
-    ext = torch.tensor(params["long_factor" if long else "short_factor"], dtype=torch.float32, device=device)
+    key = "long_factor" if seq_len is not None and seq_len > original else "short_factor"
+    if len(params[key]) != dim // 2:
+        raise ValueError(f"longrope {key} has {len(params[key])} entries, expected rotary_dim / 2 = {dim // 2}")
+    ext = torch.tensor(params[key], dtype=torch.float32, device=device)
     return 1.0 / (ext * params["rope_theta"] ** _exponents(dim, dim, device)), scaling, dim
 
 

@@ -1,0 +1,210 @@
+"""Fused RoPE + attention against rope-then-attention in float64, forward and backward, per backend.
+
+Tolerance (flash-attention's rule): a backend's error against the float64 oracle may be at most twice the error of
+plain PyTorch rope-then-attention computed in the input dtype (autograd through it), plus a small floor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from oracles import rope_oracle
+
+import ctxext_kernels as ck
+from ctxext_kernels.ops.attention import attention_backends, rope_attention
+from ctxext_kernels.ops.spec import RopeSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    why: str
+    head_dim: int = 32
+    q_heads: int = 4
+    k_heads: int = 2
+    batch: int = 2
+    seq: int = 24
+    dtype: torch.dtype = torch.bfloat16
+    causal: bool = True
+    interleaved: bool = False
+    packed: tuple | None = None  # "thd" with these sequence lengths
+    max_position: int | None = None  # random increasing (PoSE-like) ids below it; None: 0..S-1
+    rope: tuple = ("default", {})
+
+    def __str__(self):
+        return self.why.replace(" ", "-")
+
+
+CASES = [
+    Case("causal gqa bf16"),
+    Case("full mha fp16", q_heads=2, k_heads=2, dtype=torch.float16, causal=False),
+    Case("mqa head 64 pose ids", head_dim=64, q_heads=3, k_heads=1, max_position=30000),
+    Case("varlen packed pose bf16", packed=(9, 3, 12), max_position=5000),
+    Case("varlen non-causal fp16", packed=(7, 10), dtype=torch.float16, causal=False),
+    Case("interleaved fp32", dtype=torch.float32, interleaved=True, max_position=2**20),
+    Case("yarn temperature fp32", dtype=torch.float32, max_position=20000,
+         rope=("yarn", {"factor": 8.0, "original_max_position_embeddings": 512})),
+    Case("head 128 fp16", head_dim=128, q_heads=2, k_heads=1, batch=1, seq=20, dtype=torch.float16),
+]
+
+
+def _inputs(case: Case, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    batch, seq = (1, sum(case.packed)) if case.packed else (case.batch, case.seq)
+    q = torch.randn(batch, seq, case.q_heads, case.head_dim, generator=g)
+    k, v = (torch.randn(batch, seq, case.k_heads, case.head_dim, generator=g) for _ in range(2))
+    if case.max_position is None:
+        pos = (torch.cat([torch.arange(n) for n in case.packed]) if case.packed else torch.arange(seq))
+        pos = pos.expand(batch, seq)
+    else:
+        pos = torch.stack([torch.randperm(case.max_position, generator=g)[:seq].sort().values for _ in range(batch)])
+    cu = None if case.packed is None else torch.tensor([0, *torch.tensor(case.packed).cumsum(0).tolist()])
+    return q, k, v, pos, cu
+
+
+def _oracle(case, spec, q, k, v, pos, cu):
+    """float64: rotate (complex form), repeat kv heads, mask (causal by token index, no cross-sequence), softmax."""
+    inv_freq = spec.inv_freq_for(int(pos.max()) + 1)
+    qr = rope_oracle(q, pos, inv_freq, spec.attention_scaling, case.interleaved)
+    kr = rope_oracle(k, pos, inv_freq, spec.attention_scaling, case.interleaved)
+    group = case.q_heads // case.k_heads
+    kr, vr = kr.repeat_interleave(group, 2), v.to(torch.float64).repeat_interleave(group, 2)
+    scores = torch.einsum("bmhd,bnhd->bhmn", qr, kr) / math.sqrt(case.head_dim)
+    seq = q.shape[1]
+    seg = torch.zeros(seq, dtype=torch.long) if cu is None else torch.bucketize(torch.arange(seq), cu[1:], right=True)
+    keep = seg[:, None] == seg[None, :]
+    if case.causal:
+        keep &= torch.ones(seq, seq, dtype=torch.bool).tril()
+    return torch.einsum("bhmn,bnhd->bmhd", scores.masked_fill(~keep, float("-inf")).softmax(-1), vr)
+
+
+def _in_dtype(case, spec, q, k, v, pos, cu):
+    """The same math as the oracle, every op in the input dtype (the low-precision yardstick)."""
+    inv_freq = spec.inv_freq_for(int(pos.max()) + 1)
+    cos, sin = ck.rope_cos_sin(pos, spec.replace(inv_freq=inv_freq), dtype=q.dtype)
+    cos, sin = cos[:, :, None], sin[:, :, None]
+
+    def rotate(x):
+        if case.interleaved:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+            return torch.stack((x1 * cos[..., ::2] - x2 * sin[..., ::2], x2 * cos[..., ::2] + x1 * sin[..., ::2]),
+                               -1).flatten(-2)
+        x1, x2 = x.chunk(2, -1)
+        return x * cos + torch.cat((-x2, x1), -1) * sin
+
+    group = case.q_heads // case.k_heads
+    qr, kr = rotate(q), rotate(k).repeat_interleave(group, 2)
+    scores = torch.einsum("bmhd,bnhd->bhmn", qr, kr) / math.sqrt(case.head_dim)
+    seq = q.shape[1]
+    seg = torch.zeros(seq, dtype=torch.long) if cu is None else torch.bucketize(torch.arange(seq), cu[1:], right=True)
+    keep = seg[:, None] == seg[None, :]
+    if case.causal:
+        keep &= torch.ones(seq, seq, dtype=torch.bool).tril()
+    probs = scores.masked_fill(~keep, float("-inf")).softmax(-1)
+    return torch.einsum("bhmn,bnhd->bmhd", probs, v.repeat_interleave(group, 2))
+
+
+def _run_in_dtype(case, q, k, v, pos, cu, spec, grad):
+    leaves = [x.to(case.dtype).requires_grad_() for x in (q, k, v)]
+    out = _in_dtype(case, spec, *leaves, pos, cu)
+    out.backward(grad.to(case.dtype))
+    return [out.detach()] + [x.grad for x in leaves]
+
+
+def _run(case, backend, q, k, v, pos, cu, spec, grad):
+    """Forward + backward through the public API in the case's layout; outputs in canonical [B,S,H,D]."""
+    leaves = [x.to(case.dtype).requires_grad_() for x in (q, k, v)]
+    if case.packed:
+        args, layout = [x[0] for x in leaves], "thd"
+        ids = pos[0] if case.max_position is not None else None
+    else:
+        args, layout, ids = [x.transpose(1, 2) for x in leaves], "bhsd", pos
+    out = rope_attention(*args, ids, spec, causal=case.causal, layout=layout, cu_seqlens=cu,
+                         interleaved=case.interleaved, backend=backend)
+    out = out[None] if case.packed else out.transpose(1, 2)
+    out.backward(grad.to(case.dtype))
+    return [out.detach()] + [x.grad for x in leaves]
+
+
+def _require(backend):
+    usable, reason = attention_backends("cpu")[backend]
+    if not usable:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_forward_backward_match_float64(case, backend):
+    _require(backend)
+    spec = RopeSpec.from_params(case.head_dim, 10000.0, case.rope[0], max_position_embeddings=2048, **case.rope[1])
+    q, k, v, pos, cu = _inputs(case)
+    leaves64 = [x.to(case.dtype).to(torch.float64).requires_grad_() for x in (q, k, v)]
+    want = _oracle(case, spec, *leaves64, pos, cu)
+    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want.backward(grad)
+    expected = [want.detach()] + [x.grad for x in leaves64]
+
+    got = _run(case, backend, q, k, v, pos, cu, spec, grad)
+    baseline = _run_in_dtype(case, q, k, v, pos, cu, spec, grad)
+    floor = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}[case.dtype]
+    for name, g_, b_, e_ in zip(("out", "dq", "dk", "dv"), got, baseline, expected):
+        err = (g_.to(torch.float64) - e_).abs().max().item()
+        ref_err = (b_.to(torch.float64) - e_).abs().max().item()
+        assert err <= 2 * ref_err + floor, f"{name}: error {err:.3e} vs plain torch in {case.dtype} {ref_err:.3e}"
+
+
+def test_rotation_happens_inside():
+    """Same result as rotating with the RoPE op first and attending without rotation (spec with zero frequencies)."""
+    case = CASES[0]
+    spec = RopeSpec.from_params(case.head_dim, 10000.0)
+    q, k, v, pos, _ = _inputs(case)
+    q, k, v = (x.transpose(1, 2).to(torch.float32) for x in (q, k, v))
+    q_rot, k_rot = ck.apply_rope(q, k, pos, spec, backend="torch")
+    unrotated = spec.replace(inv_freq=torch.zeros_like(spec.inv_freq))
+    want = rope_attention(q_rot, k_rot, v, pos, unrotated, backend="torch")
+    for backend in ("torch", "triton"):
+        if attention_backends("cpu")[backend][0]:
+            torch.testing.assert_close(rope_attention(q, k, v, pos, spec, backend=backend), want, rtol=2e-5,
+                                       atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(backend):
+    _require(backend)
+    q, k, v = (torch.randn(1, 16, h, 32, dtype=torch.float32) for h in (2, 1, 1))
+    spec = RopeSpec.from_params(32)
+    pos = torch.arange(16)[None]
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), pos, spec.inv_freq, None, 1.0, 0.2, True,
+            "bshd", False, True, backend)
+    torch.library.opcheck(torch.ops.ctxext.rope_attention.default, args)
+
+
+BAD = [
+    ("v shape", lambda q, k, v: rope_attention(q, k, v[:, :, :3], None, RopeSpec.from_params(32)), "v must match k"),
+    ("heads not multiple", lambda q, k, v: rope_attention(q[:, :3], k[:, :2].contiguous(), v[:, :2].contiguous(),
+                                                          None, RopeSpec.from_params(32)), "multiple of k/v heads"),
+    ("partial rotary fused", lambda q, k, v: rope_attention(q, k, v, None, RopeSpec.from_params(32,
+                                                            partial_rotary_factor=0.5), backend="triton"),
+     "rotates whole heads"),
+    ("cu_seqlens with bhsd", lambda q, k, v: rope_attention(q, k, v, None, RopeSpec.from_params(32),
+                                                            cu_seqlens=torch.tensor([0, 8])), "layout='thd'"),
+    ("float ids", lambda q, k, v: rope_attention(q, k, v, torch.zeros(8), RopeSpec.from_params(32)), "integer"),
+    ("unknown backend", lambda q, k, v: rope_attention(q, k, v, None, RopeSpec.from_params(32), backend="xla"),
+     "backend must be one of"),
+]
+
+
+@pytest.mark.parametrize("what,call,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_named(what, call, message):
+    if "triton" in what or what == "partial rotary fused":
+        _require("triton")
+    q, k, v = torch.randn(1, 4, 8, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32)
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=message):
+        call(q, k, v)
+
+
+def test_cuda_backend_reports_why_not():
+    usable, reason = attention_backends("cuda")["cuda"]
+    assert not usable and "CUDA" in reason
