@@ -73,9 +73,8 @@ class CMakeBuild(build_ext):
             args.append("-GNinja")
         if nvcc:
             args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCTXEXT_CUDA_ARCHS={os.environ.get('CTXEXT_CUDA_ARCHS', '')}"]
-        self.announce(f"ctxext_kernels: building _C with {'CUDA (' + nvcc + ')' if nvcc else 'no CUDA'}", level=2)
-        print(f"ctxext_kernels: CUDA {'enabled, nvcc ' + nvcc if nvcc else 'disabled (no nvcc or CTXEXT_BUILD_CUDA=0)'}",
-              flush=True)
+        cuda_note = f"enabled, nvcc {nvcc}" if nvcc else "disabled (no nvcc or CTXEXT_BUILD_CUDA=0)"
+        print(f"ctxext_kernels: building _C, CUDA {cuda_note}", flush=True)
         start = time.perf_counter()
         subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))

@@ -14,9 +14,10 @@ void rope_host(const RopeArgs& args) {
     using T = typename decltype(type)::type;
     constexpr bool kInterleaved = decltype(interleaved)::value, kVectorized = decltype(vectorized)::value;
     for (int64_t token = 0; token < launch.tokens; ++token) {
-      fill_cos_sin<T, kInterleaved, kVectorized>(p, token_position(p, token), 0, 1, table.data());
+      const TokenOffsets offsets = token_offsets(p, token);
+      fill_cos_sin<T, kInterleaved, kVectorized>(p, offsets.position, 0, 1, table.data());
       for (int item = 0; item < launch.items_per_token; ++item) {
-        process_item<T, kInterleaved, kVectorized>(p, token, item, table.data());
+        process_item<T, kInterleaved, kVectorized>(p, offsets, item, table.data());
       }
     }
   });

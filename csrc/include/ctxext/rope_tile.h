@@ -63,11 +63,24 @@ CTXEXT_HD int table_index(int pair, int pairs_per_chunk, int rotation_chunks) {
   return (pair % pairs_per_chunk) * rotation_chunks + pair / pairs_per_chunk;
 }
 
-CTXEXT_HD int64_t token_position(const RopeParams& p, int64_t token) {
+// One token's position and the element offsets of its head-0 rows in q, q_out, k and k_out: computed once per token
+// (the only 64-bit divisions), shared by all its items.
+struct TokenOffsets {
+  int64_t position;
+  int64_t q, q_out, k, k_out;
+};
+
+CTXEXT_HD TokenOffsets token_offsets(const RopeParams& p, int64_t token) {
   const int64_t b = token / p.seq, s = token - b * p.seq;
-  const int64_t offset = b * p.positions_stride[0] + s * p.positions_stride[1];
-  return p.positions_int64 ? static_cast<const int64_t*>(p.positions)[offset]
-                           : static_cast<const int32_t*>(p.positions)[offset];
+  const int64_t at = b * p.positions_stride[0] + s * p.positions_stride[1];
+  TokenOffsets t;
+  t.position = p.positions_int64 ? static_cast<const int64_t*>(p.positions)[at]
+                                 : static_cast<const int32_t*>(p.positions)[at];
+  t.q = b * p.q_stride[0] + s * p.q_stride[1];
+  t.q_out = b * p.q_out_stride[0] + s * p.q_out_stride[1];
+  t.k = b * p.k_stride[0] + s * p.k_stride[1];
+  t.k_out = b * p.k_out_stride[0] + s * p.k_out_stride[1];
+  return t;
 }
 
 template <int N, typename T>
@@ -152,18 +165,17 @@ CTXEXT_HD void copy_tail_chunk(const T* in, T* out, int chunk, int rotary_dim, i
   }
 }
 
-// Item `item` of token `token`: head item / chunks_per_row (q heads first, then k heads), chunk item % chunks_per_row.
+// Item `item` of a token: head item / chunks_per_row (q heads first, then k heads), chunk item % chunks_per_row.
 template <typename T, bool kInterleaved, bool kVectorized>
-CTXEXT_HD void process_item(const RopeParams& p, int64_t token, int item, const CosSin* table) {
+CTXEXT_HD void process_item(const RopeParams& p, const TokenOffsets& token, int item, const CosSin* table) {
   const int head = item / p.chunks_per_row;
   const int chunk = item - head * p.chunks_per_row;
-  const int64_t b = token / p.seq, s = token - b * p.seq;
   const bool is_q = head < p.q_heads;
-  const int h = is_q ? head : head - p.q_heads;
-  const int64_t* in_stride = is_q ? p.q_stride : p.k_stride;
-  const int64_t* out_stride = is_q ? p.q_out_stride : p.k_out_stride;
-  const T* in = static_cast<const T*>(is_q ? p.q : p.k) + b * in_stride[0] + s * in_stride[1] + h * in_stride[2];
-  T* out = static_cast<T*>(is_q ? p.q_out : p.k_out) + b * out_stride[0] + s * out_stride[1] + h * out_stride[2];
+  const int64_t h = is_q ? head : head - p.q_heads;
+  const T* in = static_cast<const T*>(is_q ? p.q : p.k) + (is_q ? token.q : token.k) +
+                h * (is_q ? p.q_stride[2] : p.k_stride[2]);
+  T* out = static_cast<T*>(is_q ? p.q_out : p.k_out) + (is_q ? token.q_out : token.k_out) +
+           h * (is_q ? p.q_out_stride[2] : p.k_out_stride[2]);
   if (chunk < p.rotation_chunks) {
     rotate_chunk<T, kInterleaved, kVectorized>(in, out, table, chunk, p.rotary_dim, p.rotation_chunks);
   } else if (is_q ? p.copy_q_tail : p.copy_k_tail) {
