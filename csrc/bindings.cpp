@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -12,7 +13,6 @@
 #include "rope.h"
 
 #if CTXEXT_WITH_CUDA
-#include <cuda_runtime_api.h>
 #if __has_include("attention/attention.h")
 #include "attention/attention.h"
 #define CTXEXT_HAS_ATTENTION 1
@@ -54,10 +54,10 @@ py::tuple host_cos_sin(py::array_t<int64_t, py::array::c_style | py::array::forc
 py::list cuda_archs() {
   py::list archs;
 #ifdef CTXEXT_CUDA_ARCHS
-  std::string list = CTXEXT_CUDA_ARCHS;  // "80;86;90" from CMake
+  const std::string list = CTXEXT_CUDA_ARCHS;  // "80,86,90" from CMake
   size_t start = 0;
   while (start < list.size()) {
-    const size_t end = std::min(list.find(';', start), list.size());
+    const size_t end = std::min(list.find(',', start), list.size());
     if (end > start) archs.append(list.substr(start, end - start));
     start = end + 1;
   }
@@ -103,7 +103,7 @@ void register_module(py::module_& m) {
 #if CTXEXT_WITH_CUDA
   m.def("rope_cuda", &rope_cuda, py::arg("args"), "Launch the RoPE kernel on args.stream (asynchronous).");
   m.attr("has_cuda") = true;
-  m.attr("cuda_version") = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+  m.attr("cuda_version") = CTXEXT_CUDA_VERSION;  // the toolkit it was built with (its runtime is linked statically)
 #else
   m.def(
       "rope_cuda", [](const RopeArgs&) { throw std::runtime_error("ctxext_kernels._C was built without CUDA"); },
