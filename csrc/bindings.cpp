@@ -12,11 +12,10 @@
 #include "ctxext/rope_math.h"
 #include "rope.h"
 
-#if CTXEXT_WITH_CUDA
-#if __has_include("attention/attention.h")
+// The fused-attention part registers itself when its header exists and CMake compiled its sources (csrc/attention/).
+#if CTXEXT_WITH_CUDA && CTXEXT_WITH_ATTENTION && __has_include("attention/attention.h")
 #include "attention/attention.h"
 #define CTXEXT_HAS_ATTENTION 1
-#endif
 #endif
 
 namespace py = pybind11;
