@@ -1,0 +1,210 @@
+"""PoSE position sampling (Zhu et al., arXiv 2309.10400, section 3.2), the full-length mode and the RandPos baseline.
+
+PoSE trains a model for a target context Lt inside its original window Lc: the Lc training tokens are cut into N chunks,
+and every chunk is moved right by a random skip, so the position ids of one sample span [0, Lt) while the sequence
+stays Lc tokens long. With `u_0 = 0` and `u_i ~ U{u_(i-1), ..., Lt - Lc}` the ids stay strictly increasing and below Lt,
+and over many samples every relative distance 1 ... Lt-1 is seen.
+
+Randomness comes from one numpy PCG64 generator per sampler; its state is a plain dict of ints (JSON-serialisable), so
+a checkpoint restores it and a resumed run draws exactly the samples the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+import torch
+
+METHODS = ("pose", "full", "randpos")
+CONTENT_STRATEGIES = ("random", "zero", "same")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkLayout:
+    """Where the chunks of one PoSE sample come from and which positions they get (all lists have N entries).
+
+    lengths: l_i, chunk lengths (each >= 1, summing to Lc); starts: st_i = l_0 + ... + l_(i-1);
+    skips: u_i, the position skip of chunk i (chunk i has positions u_i + st_i ... u_i + st_i + l_i - 1);
+    offsets: v_i, the content skip (chunk i's tokens are x[v_i + st_i : v_i + st_i + l_i]).
+    """
+
+    lengths: tuple[int, ...]
+    starts: tuple[int, ...]
+    skips: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+    def position_ids(self) -> torch.Tensor:
+        """`[Lc]` int64 position ids of the sample."""
+        return torch.cat([torch.arange(u + st, u + st + n) for n, st, u in zip(self.lengths, self.starts, self.skips)])
+
+    def token_indices(self) -> torch.Tensor:
+        """`[Lc]` int64 indices into the document of the sample's tokens."""
+        return torch.cat([torch.arange(v + st, v + st + n) for n, st, v in zip(self.lengths, self.starts, self.offsets)])
+
+
+class PoseSampler:
+    """Draw `(input_ids, position_ids)` training samples from documents.
+
+    Parameters
+    ----------
+    original_window : int
+        Lc, the training sequence length (the model's original context window in the paper).
+    target_length : int
+        Lt, the context length to extend to; every position id is < Lt.
+    num_chunks : int
+        N, how many chunks one sample is cut into (the paper uses 2; any 1 <= N <= Lc works).
+    content : {"random", "zero", "same"}
+        How the content skip v_i is chosen: "random" `v_i ~ U{v_(i-1), ..., Lx - Lc}` (v_0 = 0, as u_0, so the first
+        chunk starts the document like the authors' code), "zero" `v_i = 0` (Lc contiguous tokens), "same" `v_i = u_i`
+        (the tokens that really sit at those positions: the document needs >= Lt tokens).
+    seed : int
+        Seed of the sampler's generator.
+    method : {"pose", "full", "randpos"}
+        "full": the full-length baseline, Lt contiguous tokens (random offset) with positions 0 ... Lt-1.
+        "randpos": the paper's RandPos baseline, Lc contiguous tokens (random offset) with Lc distinct positions drawn
+        uniformly from [0, Lt) and sorted.
+    """
+
+    def __init__(self, original_window: int, target_length: int, num_chunks: int = 2, content: str = "random",
+                 seed: int = 0, method: str = "pose"):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if content not in CONTENT_STRATEGIES:
+            raise ValueError(f"content must be one of {CONTENT_STRATEGIES}, got {content!r}")
+        if original_window < 1:
+            raise ValueError(f"original_window (Lc) must be >= 1, got {original_window}")
+        if original_window >= target_length:
+            raise ValueError(f"original_window (Lc={original_window}) must be smaller than target_length "
+                             f"(Lt={target_length}): PoSE extends a window, it cannot shrink or keep it")
+        if not 1 <= num_chunks <= original_window:
+            raise ValueError(f"num_chunks must be between 1 and original_window (Lc={original_window}) since every "
+                             f"chunk holds at least one token, got {num_chunks}")
+        self.original_window = original_window
+        self.target_length = target_length
+        self.num_chunks = num_chunks
+        self.content = content
+        self.method = method
+        self.seed = seed
+        self._rng = np.random.Generator(np.random.PCG64(seed))
+
+    @property
+    def sample_length(self) -> int:
+        """Tokens per sample: Lt for "full", Lc otherwise."""
+        return self.target_length if self.method == "full" else self.original_window
+
+    @property
+    def min_document_length(self) -> int:
+        """The fewest tokens a document needs: Lt for "full" and content "same", Lc otherwise."""
+        if self.method == "full" or (self.method == "pose" and self.content == "same"):
+            return self.target_length
+        return self.original_window
+
+    def state_dict(self) -> dict:
+        """The generator state (plain ints and strings), for checkpoints."""
+        return {"bit_generator": self._rng.bit_generator.state, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state from `state_dict()`: the next draws equal those the saved sampler would have made."""
+        self._rng.bit_generator.state = state["bit_generator"]
+
+    def _uniform(self, low: int, high: int) -> int:
+        """One draw from U{low, ..., high} (both ends included)."""
+        return int(self._rng.integers(low, high, endpoint=True))
+
+    def draw_layout(self, document_length: int) -> ChunkLayout:
+        """Draw the chunk lengths, position skips u_i and content skips v_i of one PoSE sample for a document of
+        `document_length` tokens (method "pose" only)."""
+        if self.method != "pose":
+            raise ValueError(f"chunk layouts exist for method 'pose' only, this sampler is {self.method!r}")
+        self._check_document(document_length)
+        lc, lt = self.original_window, self.target_length
+        # N - 1 distinct cut points in 1 ... Lc-1: a uniformly random composition of Lc into N positive lengths
+        cuts = np.sort(self._rng.choice(np.arange(1, lc), size=self.num_chunks - 1, replace=False))
+        bounds = [0, *(int(c) for c in cuts), lc]
+        lengths = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+        starts = tuple(bounds[:-1])
+        skips = [0]
+        for _ in range(1, self.num_chunks):
+            skips.append(self._uniform(skips[-1], lt - lc))
+        if self.content == "zero":
+            offsets = [0] * self.num_chunks
+        elif self.content == "same":
+            offsets = list(skips)
+        else:
+            offsets = [0]
+            for _ in range(1, self.num_chunks):
+                offsets.append(self._uniform(offsets[-1], document_length - lc))
+        return ChunkLayout(lengths, starts, tuple(skips), tuple(offsets))
+
+    def sample(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training sample from one document.
+
+        Parameters
+        ----------
+        tokens : torch.Tensor
+            `[Lx]` integer token ids of one document, Lx >= `min_document_length`.
+
+        Returns
+        -------
+        input_ids, position_ids : torch.Tensor
+            `[L]` each (L = `sample_length`), int64; position ids strictly increasing and < Lt.
+        """
+        if tokens.dim() != 1 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must be a 1-D integer tensor, got {tuple(tokens.shape)} {tokens.dtype}")
+        tokens = tokens.long()
+        self._check_document(tokens.numel())
+        if self.method == "pose":
+            layout = self.draw_layout(tokens.numel())
+            return tokens[layout.token_indices()], layout.position_ids()
+        length = self.sample_length
+        start = self._uniform(0, tokens.numel() - length)
+        input_ids = tokens[start:start + length]
+        if self.method == "full":
+            return input_ids, torch.arange(length)
+        positions = np.sort(self._rng.choice(self.target_length, size=length, replace=False))
+        return input_ids, torch.from_numpy(positions).long()
+
+    def _check_document(self, document_length: int) -> None:
+        if document_length < self.min_document_length:
+            why = ("full-length training" if self.method == "full" else
+                   "content='same'" if self.content == "same" and self.method == "pose" else "one sample")
+            raise ValueError(f"document has {document_length} tokens but {why} needs at least "
+                             f"{self.min_document_length} (Lc={self.original_window}, Lt={self.target_length})")
+
+
+class PoseCollator:
+    """Turn documents into training batches `{input_ids, labels, position_ids}`, each `[B, samples_per_row * L]`.
+
+    With `samples_per_row > 1` consecutive samples are packed into one row; the position ids restart with every sample
+    (each PoSE sample starts at position 0) and the first label of every packed sample after the first is -100, so no
+    token is trained to predict the start of an unrelated sample. Attention only stays within a sample when the
+    attention backend splits rows at those restarts (packed flash-attention does; plain SDPA does not).
+
+    Parameters
+    ----------
+    sampler : PoseSampler
+    samples_per_row : int
+        Samples packed into one row; the number of documents passed in must be a multiple of it.
+    """
+
+    def __init__(self, sampler: PoseSampler, samples_per_row: int = 1):
+        if samples_per_row < 1:
+            raise ValueError(f"samples_per_row must be >= 1, got {samples_per_row}")
+        self.sampler = sampler
+        self.samples_per_row = samples_per_row
+
+    def __call__(self, documents: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not documents or len(documents) % self.samples_per_row:
+            raise ValueError(f"got {len(documents)} documents; need a positive multiple of samples_per_row="
+                             f"{self.samples_per_row}")
+        samples = [self.sampler.sample(torch.as_tensor(doc)) for doc in documents]
+        input_ids = torch.stack([ids for ids, _ in samples])
+        position_ids = torch.stack([pos for _, pos in samples])
+        labels = input_ids.clone()
+        if self.samples_per_row > 1:
+            labels.view(-1, self.samples_per_row, labels.shape[-1])[:, 1:, 0] = -100
+        rows = len(documents) // self.samples_per_row
+        return {"input_ids": input_ids.reshape(rows, -1), "labels": labels.reshape(rows, -1),
+                "position_ids": position_ids.reshape(rows, -1)}
