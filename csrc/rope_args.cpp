@@ -159,10 +159,8 @@ RopeLaunch prepare_rope(const RopeArgs& args) {
   p.scaling = args.scaling;
   p.exact = args.exact;
   p.conjugate = args.conjugate;
-  p.batch = batch;
   p.seq = seq;
   p.q_heads = static_cast<int>(args.q.shape[2]);
-  p.k_heads = has_k ? static_cast<int>(args.k.shape[2]) : 0;
   p.head_dim = static_cast<int>(head_dim);
   p.rotary_dim = static_cast<int>(rotary_dim);
   p.copy_q_tail = copy_q_tail;

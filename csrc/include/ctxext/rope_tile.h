@@ -19,12 +19,12 @@
 
 namespace ctxext {
 
-// Everything a launch needs, as plain values: built and validated once on the host (rope.cpp), passed by value to the
+// Everything a launch needs, as plain values: built and validated once on the host (rope_args.cpp), passed by value to the
 // kernel. Strides are in elements, for dims [B, S, H]; the head dim is contiguous.
 struct RopeParams {
   const void* q;
   void* q_out;
-  const void* k;  // null when there is no k (then k_heads == 0)
+  const void* k;  // null when there is no k (then no item reaches it)
   void* k_out;
   int64_t q_stride[3], q_out_stride[3], k_stride[3], k_out_stride[3];
   const void* positions;  // [B, S], int32 or int64
@@ -33,8 +33,8 @@ struct RopeParams {
   const float* inv_freq;  // [rotary_dim / 2]
   float scaling;
   bool exact, conjugate;
-  int64_t batch, seq;
-  int q_heads, k_heads, head_dim, rotary_dim;
+  int64_t seq;
+  int q_heads, head_dim, rotary_dim;  // k's head count only enters the item count
   bool copy_q_tail, copy_k_tail;  // out of place with rotary_dim < head_dim
   int rotation_chunks;            // chunks per head row that rotate
   int chunks_per_row;             // rotation chunks, plus tail chunks when some tail is copied
