@@ -1,0 +1,130 @@
+"""Training text: local files read into documents, tokenized, too-short ones skipped, and a resumable document stream.
+
+Formats: a .txt file (one document), a folder (every *.txt / *.rst / *.md file below it is one document), .jsonl (one
+document per line, field "text"), .parquet (column "text", needs pyarrow) and a `datasets` folder written by
+`save_to_disk` (needs datasets). The optional libraries load only for their format.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
+TEXT_SUFFIXES = (".txt", ".rst", ".md")
+
+
+def python_docs_path(root: Path = PYTHON_DOCS) -> Path:
+    """The reST sources of the Python 3.11 documentation (Debian package python3.11-doc): long real English text."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is missing: install the Python docs with `apt-get install -y python3.11-doc` "
+                                "(or pass --data with your own text)")
+    return root
+
+
+def read_texts(path: str | Path, field: str = "text") -> Iterator[str]:
+    """Yield the documents stored at `path` (see the module docstring for the formats), in a fixed order."""
+    path = Path(path)
+    if path.is_dir() and any((path / name).exists() for name in ("dataset_info.json", "dataset_dict.json")):
+        yield from _read_saved_dataset(path, field)
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
+        if not files:
+            raise FileNotFoundError(f"no {'/'.join(TEXT_SUFFIXES)} files under {path}")
+        for file in files:
+            yield file.read_text(errors="replace")
+    elif not path.exists():
+        raise FileNotFoundError(f"training data {path} does not exist")
+    elif path.suffix == ".jsonl":
+        with path.open() as lines:
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    record = json.loads(line)
+                    if field not in record:
+                        raise KeyError(f"{path}:{number} has no field {field!r} (fields: {sorted(record)})")
+                    yield record[field]
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from pq.read_table(path, columns=[field]).column(field).to_pylist()
+    else:
+        yield path.read_text(errors="replace")
+
+
+def _read_saved_dataset(path: Path, field: str) -> Iterator[str]:
+    import datasets
+
+    data = datasets.load_from_disk(str(path))
+    if isinstance(data, datasets.DatasetDict):
+        data = data["train"] if "train" in data else next(iter(data.values()))
+    yield from data[field]
+
+
+def tokenize_documents(texts, tokenizer, min_tokens: int, max_documents: int | None = None,
+                       progress: bool = True) -> tuple[list[torch.Tensor], int]:
+    """Tokenize documents (no special tokens) and keep those with at least `min_tokens` tokens.
+
+    Returns
+    -------
+    documents : list[torch.Tensor]
+        `[Lx]` int64 token ids per kept document.
+    skipped : int
+        How many documents were shorter than `min_tokens`.
+    """
+    documents, skipped = [], 0
+    for text in tqdm(texts, desc="tokenizing", unit="doc", disable=not progress):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) < min_tokens:
+            skipped += 1
+            continue
+        documents.append(torch.tensor(ids, dtype=torch.long))
+        if max_documents is not None and len(documents) >= max_documents:
+            break
+    if not documents:
+        raise ValueError(f"no document has the {min_tokens} tokens one sample needs ({skipped} shorter ones skipped)")
+    return documents, skipped
+
+
+class DocumentStream:
+    """An endless, seeded, resumable walk over documents: a fresh permutation every epoch.
+
+    `state_dict()` is the position (epoch, index) only; the order is recomputed from the seed, so a restored stream
+    yields exactly the documents the uninterrupted one would have.
+    """
+
+    def __init__(self, documents: list[torch.Tensor], seed: int = 0):
+        self.documents = documents
+        self.seed = seed
+        self.epoch = 0
+        self.index = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(len(self.documents))
+
+    def next(self) -> torch.Tensor:
+        if self.index == len(self.documents):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        document = self.documents[self._order[self.index]]
+        self.index += 1
+        return document
+
+    def take(self, count: int) -> list[torch.Tensor]:
+        return [self.next() for _ in range(count)]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "num_documents": len(self.documents)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_documents"] != len(self.documents) or state["seed"] != self.seed:
+            raise ValueError(f"the checkpoint's data stream had {state['num_documents']} documents (seed "
+                             f"{state['seed']}), this run has {len(self.documents)} (seed {self.seed}): resume with "
+                             "the same data and settings")
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._permutation(self.epoch)

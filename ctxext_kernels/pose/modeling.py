@@ -1,0 +1,105 @@
+"""Loading a causal LM (HF folder or .gguf file) with a new RoPE scaling, shared by training and evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
+
+
+def split_model_path(path: str | Path) -> tuple[str, dict]:
+    """`(folder, from_pretrained kwargs)`: a .gguf file is loaded from its folder with `gguf_file=` its name."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model {path} does not exist (pass a transformers model folder or a .gguf file)")
+    if path.suffix == ".gguf":
+        return str(path.parent), {"gguf_file": path.name}
+    return str(path), {}
+
+
+def rope_base_parameters(config) -> dict:
+    """The model's RoPE parameters (transformers 5 `rope_parameters`, 4.x `rope_theta` + `rope_scaling`); a clear
+    error for a model without rotary embeddings (learned or ALiBi positions cannot be rescaled)."""
+    parameters = getattr(config, "rope_parameters", None)
+    if parameters is None and getattr(config, "rope_theta", None) is not None:
+        parameters = {"rope_type": "default", "rope_theta": config.rope_theta, **(config.rope_scaling or {})}
+    if not parameters or "rope_theta" not in parameters:
+        raise ValueError(f"model type {config.model_type!r} has no rotary position embeddings (RoPE): PoSE and RoPE "
+                         "scaling need a RoPE model (LLaMA, Mistral, Qwen, SmolLM, ...)")
+    return dict(parameters)
+
+
+def extended_rope_parameters(config, rope_type: str, target_length: int, factor: float | None = None,
+                             trained_window: int | None = None) -> dict:
+    """RoPE parameters scaling the model's trained window to `target_length`.
+
+    Parameters
+    ----------
+    rope_type : {"linear", "dynamic", "yarn", "llama3"}
+    factor : float, optional
+        Scale factor; default `target_length / trained_window`.
+    trained_window : int, optional
+        The context the model was trained on; default its `max_position_embeddings`.
+    """
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope_type must be one of {ROPE_TYPES}, got {rope_type!r}")
+    base = rope_base_parameters(config)
+    trained_window = trained_window or base.get("original_max_position_embeddings") or config.max_position_embeddings
+    factor = factor if factor is not None else target_length / trained_window
+    if factor < 1:
+        raise ValueError(f"rope factor {factor:g} < 1: the target length {target_length} is inside the trained window "
+                         f"{trained_window}; pass a larger target, or --trained-window / --rope-factor explicitly")
+    parameters = {"rope_type": rope_type, "rope_theta": base["rope_theta"], "factor": float(factor)}
+    if "partial_rotary_factor" in base:
+        parameters["partial_rotary_factor"] = base["partial_rotary_factor"]
+    if rope_type != "linear":
+        # these types keep the original window in the config: dynamic NTK grows from it, YaRN and llama3 pick which
+        # frequencies to interpolate by comparing wavelengths against it
+        parameters["original_max_position_embeddings"] = int(trained_window)
+    if rope_type == "llama3":
+        parameters.update(low_freq_factor=1.0, high_freq_factor=4.0)
+    return parameters
+
+
+def set_rope_parameters(config, parameters: dict, max_position_embeddings: int) -> None:
+    """Write RoPE parameters and the new window into a config (transformers 5 and 4.x spellings)."""
+    if hasattr(config, "rope_parameters"):
+        config.rope_parameters = parameters
+    else:
+        config.rope_theta = parameters["rope_theta"]
+        config.rope_scaling = {k: v for k, v in parameters.items() if k != "rope_theta"}
+    config.max_position_embeddings = int(max_position_embeddings)
+
+
+def load_model(path: str | Path, *, rope_type: str | None = None, target_length: int | None = None,
+               rope_factor: float | None = None, trained_window: int | None = None,
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """`(model, tokenizer)` from a model folder or .gguf file; with `rope_type`, its RoPE rescaled for
+    `target_length` (the config then says `max_position_embeddings = target_length`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, kwargs = split_model_path(path)
+    config = AutoConfig.from_pretrained(folder, **kwargs)
+    rope_base_parameters(config)
+    if rope_type is not None:
+        if target_length is None:
+            raise ValueError("rope_type needs target_length")
+        set_rope_parameters(config, extended_rope_parameters(config, rope_type, target_length, rope_factor,
+                                                             trained_window), target_length)
+    model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, **kwargs).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    return model, tokenizer
+
+
+def patch_with_kernels(model) -> str:
+    """Route the model's RoPE through ctxext_kernels when its transformers integration is installed; say what
+    happened (the training and evaluation work with stock transformers too)."""
+    import ctxext_kernels
+
+    patch_model = getattr(ctxext_kernels, "patch_model", None)
+    if patch_model is None:
+        return "stock transformers RoPE (ctxext_kernels.patch_model not available)"
+    patch_model(model)
+    return "ctxext_kernels RoPE kernels"
