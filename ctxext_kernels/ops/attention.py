@@ -11,21 +11,34 @@ import math
 
 import torch
 
-from . import reference
+from . import cuda_ext, reference
 from .rope import _canonical, _check_qk, _check_range, _positions_2d, _triton_status
 from .spec import RopeSpec
 
-ATTENTION_BACKENDS = ("triton", "torch")
+ATTENTION_BACKENDS = ("cuda", "triton", "torch")
 _LOG2E = 1.4426950408889634
+_DTYPE_TAGS = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _cuda_status(device_type: str) -> tuple[bool, str]:
+    cuda_ok, _, reason = cuda_ext.status()
+    if not cuda_ok:
+        return False, reason
+    if not hasattr(cuda_ext._load()[0], "rope_attention_forward_cuda"):
+        return False, "the CUDA extension was built without csrc/attention (fused attention)"
+    if device_type != "cuda":
+        return False, "the CUDA fused attention needs CUDA tensors"
+    return True, "hand-written CUDA fused attention (WMMA tensor cores, sm_80+), float16/bfloat16, head_dim 64/128"
 
 
 def attention_backends(device: str | torch.device | None = None) -> dict[str, tuple[bool, str]]:
     """`{name: (usable, reason)}` of the fused-attention backends on `device` (default: CUDA if available)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = torch.device(device).type
     return {
-        "cuda": (False, "no hand-written CUDA fused attention in this build yet; the Triton kernel serves GPUs"),
-        "triton": _triton_status(torch.device(device).type),
+        "cuda": _cuda_status(device_type),
+        "triton": _triton_status(device_type),
         "torch": (True, "reference: RoPE then fp32 attention with an explicit mask, O(S^2) memory"),
     }
 
@@ -34,6 +47,7 @@ def attention_backends(device: str | torch.device | None = None) -> dict[str, tu
 def _pick(backend: str | None, device_type: str) -> str:
     available = attention_backends(device_type)
     if backend is None:
+        # Triton is the tuned training path on GPUs; the CUDA kernels are the simple tensor-core reimplementation.
         return "triton" if device_type == "cuda" and available["triton"][0] else "torch"
     if backend not in available:
         raise ValueError(f"backend must be one of {tuple(available)} or None, got {backend!r}")
@@ -102,6 +116,68 @@ def _reference_attention_backward(grad_out, q, k, v, positions, inv_freq, cu_seq
             reference.rotate(grad_k_rot, cos, -sin, interleaved).to(k.dtype), grad_v.to(v.dtype))
 
 
+# ------------------------------------------------------------------------------------------ fused launchers
+def _longest(q_canonical: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
+    """Longest sequence: S, or the longest packed sequence of cu_seqlens (one host sync)."""
+    if cu_seqlens is None:
+        return q_canonical.shape[1]
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+
+
+def _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal, interleaved,
+               exact, rotate):
+    """AttentionArgs of the CUDA launchers (canonical `[B, S, H, D]` views; see csrc/attention/attention.h)."""
+    ext = cuda_ext._load()[0]
+    args = ext.AttentionArgs()
+    for name, x in (("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse), ("positions", positions),
+                    ("inv_freq", inv_freq), ("cu_seqlens", cu_seqlens)):
+        setattr(args, name, cuda_ext._view(x, ext))
+    args.dtype = getattr(ext.DType, _DTYPE_TAGS[q.dtype])
+    args.positions_int64 = positions.dtype == torch.int64
+    args.max_seqlen = _longest(q, cu_seqlens)
+    args.scaling, args.softmax_scale = float(scaling), float(softmax_scale)
+    args.causal, args.interleaved, args.exact, args.rotate = causal, interleaved, exact, rotate
+    args.device = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    args.stream = torch.cuda.current_stream(q.device).cuda_stream
+    return ext, args
+
+
+def fused_forward(backend, q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
+                  interleaved, exact, rotate=True) -> None:
+    """Run a fused backend's forward into out `[B,S,Hq,D]` and lse fp32 `[B,S,Hq]` (canonical views).
+
+    `rotate=False` runs the same kernel without RoPE: the benchmark's measure of what the rotation costs.
+    """
+    if backend == "cuda":
+        ext, args = _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
+                               interleaved, exact, rotate)
+        ext.rope_attention_forward_cuda(args)
+        return
+    from . import triton_attention
+
+    triton_attention.attention_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale,
+                                       causal, interleaved, exact, rotate)
+
+
+def fused_backward(backend, grad_out, q, k, v, out, lse, dq, dk, dv, positions, inv_freq, cu_seqlens, scaling,
+                   softmax_scale, causal, interleaved, exact, rotate=True) -> None:
+    """Run a fused backend's backward into dq, dk, dv (gradients of the unrotated q, k and of v; canonical views)."""
+    if backend == "cuda":
+        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        ext, args = _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
+                               interleaved, exact, rotate)
+        # D_i = rowsum(dO * O): the softmax-Jacobian correction, one fp32 value per query row
+        delta = (grad_out.float() * out.float()).sum(-1)
+        for name, x in (("grad_out", grad_out), ("delta", delta), ("grad_q", dq), ("grad_k", dk), ("grad_v", dv)):
+            setattr(args, name, cuda_ext._view(x, ext))
+        ext.rope_attention_backward_cuda(args)
+        return
+    from . import triton_attention
+
+    triton_attention.attention_backward(grad_out, q, k, v, out, lse, dq, dk, dv, positions, inv_freq, cu_seqlens,
+                                        scaling, softmax_scale, causal, interleaved, exact, rotate)
+
+
 # ---------------------------------------------------------------------------------------------------- custom ops
 def _lse_shape(q: torch.Tensor, layout: str) -> tuple[int, int, int]:
     b, s, h, _ = _canonical(q, layout).shape
@@ -121,11 +197,9 @@ def _rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
         out = torch.empty_like(q)
         _canonical(out, layout).copy_(out_c)
         return out, lse.contiguous()
-    from . import triton_attention
-
     out, lse = torch.empty_like(q), q.new_empty(_lse_shape(q, layout), dtype=torch.float32)
-    triton_attention.attention_forward(qc, kc, vc, _canonical(out, layout), lse, positions, inv_freq, cu_seqlens,
-                                       scaling, softmax_scale, causal, interleaved, exact)
+    fused_forward(backend, qc, kc, vc, _canonical(out, layout), lse, positions, inv_freq, cu_seqlens, scaling,
+                  softmax_scale, causal, interleaved, exact)
     return out, lse
 
 
@@ -148,11 +222,9 @@ def _rope_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
         for dst, grad in zip((dq, dk, dv), grads):
             _canonical(dst, layout).copy_(grad)
         return dq, dk, dv
-    from . import triton_attention
-
-    triton_attention.attention_backward(*(_canonical(x, layout) for x in (grad_out, q, k, v, out)), lse,
-                                        *(_canonical(x, layout) for x in (dq, dk, dv)), positions, inv_freq,
-                                        cu_seqlens, scaling, softmax_scale, causal, interleaved, exact)
+    fused_backward(backend, *(_canonical(x, layout) for x in (grad_out, q, k, v, out)), lse,
+                   *(_canonical(x, layout) for x in (dq, dk, dv)), positions, inv_freq, cu_seqlens, scaling,
+                   softmax_scale, causal, interleaved, exact)
     return dq, dk, dv
 
 
@@ -190,12 +262,13 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_i
         k: unrotated keys, same layout with Hk heads (Hq % Hk == 0: GQA/MQA).
         v: values, k's shape.
         position_ids: int `[B, S]`, `[S]` or `[T]` (PoSE skips, packed restarts); None: 0..S-1 per sequence.
-        spec: the model's `RopeSpec` (the fused kernels rotate the whole head: rotary_dim must equal head_dim).
+        spec: the model's `RopeSpec` (partial rotary, rotary_dim < head_dim: "cuda" and "torch" only).
         causal: mask by token order within each sequence (not by position id).
         softmax_scale: defaults to 1/sqrt(D).
         cu_seqlens: int `[num_seqs + 1]` boundaries of the packed sequences ("thd"); no attention across them.
         interleaved: GPT-J pairs.
-        backend: "triton", "torch" or None (Triton on GPUs, the torch reference on CPU).
+        backend: "cuda" (hand-written, fp16/bf16, head_dim 64/128), "triton", "torch" or None (Triton on GPUs, the
+            torch reference on CPU).
     Returns:
         out in q's layout and dtype.
     """
@@ -218,6 +291,11 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_i
                              f"head_dim={head_dim}; use backend='torch' or apply_rope + attention")
         if head_dim < 32 or head_dim & (head_dim - 1) or head_dim > 256:
             raise ValueError(f"the fused Triton kernel takes head_dim 32, 64, 128 or 256, got {head_dim}")
+    if backend == "cuda":
+        if q.dtype not in _DTYPE_TAGS:
+            raise TypeError(f"the fused CUDA kernel takes float16 or bfloat16, got {q.dtype}; use backend='triton'")
+        if head_dim not in (64, 128):
+            raise ValueError(f"the fused CUDA kernel takes head_dim 64 or 128, got {head_dim}; use backend='triton'")
     positions = _positions_2d(position_ids, q, layout, cu_seqlens)
     compiling = torch.compiler.is_compiling()
     seq_len = _check_range(positions) if (check_positions or spec.is_dynamic) and not compiling else None
@@ -226,7 +304,7 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_i
     inv_freq = spec.inv_freq_for(seq_len) if spec.is_dynamic else spec.inv_freq
     inv_freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
     if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     out, _ = _rope_attention(q, k, v, positions, inv_freq, cu_seqlens, float(spec.attention_scaling), scale, causal,
                              layout, interleaved, spec.angle == "exact", backend)
