@@ -5,10 +5,13 @@ kernels when nvcc is found and CTXEXT_BUILD_CUDA is not "0". If no C++ toolchain
 installs (Triton kernels + the PyTorch reference) and says so.
 
 Environment:
-    CTXEXT_BUILD_CUDA   "0" skips the CUDA kernels (default: build them when nvcc is found)
+    CTXEXT_BUILD_CUDA   "0" skips the CUDA kernels; "1" requires them (no nvcc or a compile error fails the build);
+                        default: build them when nvcc is found, and fall back to the host part if that fails
     CTXEXT_CUDA_ARCHS   CUDA archs, e.g. "90" or "80;90" (default: 80;86;89;90, plus 100;120 on CUDA >= 12.8)
     CUDACXX / CUDA_HOME where nvcc lives, when it is not on PATH
     MAX_JOBS            parallel compile jobs
+    CTXEXT_LOCAL_VERSION  a PEP 440 local version appended to the version, e.g. "cu130" -> 0.1.0+cu130
+                          (scripts/build_wheels.sh sets it per CUDA toolkit)
 """
 
 import os
@@ -27,7 +30,8 @@ ROOT = Path(__file__).resolve().parent
 def read_version() -> str:
     namespace: dict = {}
     exec((ROOT / "ctxext_kernels" / "_version.py").read_text(), namespace)
-    return namespace["__version__"]
+    local = os.environ.get("CTXEXT_LOCAL_VERSION")
+    return f"{namespace['__version__']}+{local}" if local else namespace["__version__"]
 
 
 def find_nvcc() -> str | None:
@@ -51,18 +55,25 @@ class CMakeBuild(build_ext):
         try:
             super().run()
         except Exception as exc:  # noqa: BLE001 - any toolchain failure: the pure-python package still works
+            if os.environ.get("CTXEXT_BUILD_CUDA") == "1":
+                raise
             self.warn("\n" + "=" * 100 + f"\nctxext_kernels: the native extension failed to build ({exc}).\n"
                       "Installing without it: the 'cuda' and 'cpu' RoPE backends are unavailable; Triton and the "
                       "PyTorch reference still work.\n" + "=" * 100)
 
     def build_extension(self, ext: Extension):
         output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        nvcc = find_nvcc() if os.environ.get("CTXEXT_BUILD_CUDA", "1") != "0" else None
+        want_cuda = os.environ.get("CTXEXT_BUILD_CUDA", "auto")
+        nvcc = find_nvcc() if want_cuda != "0" else None
+        if want_cuda == "1" and not nvcc:
+            raise RuntimeError("CTXEXT_BUILD_CUDA=1 but no nvcc was found (set CUDACXX or CUDA_HOME)")
         if nvcc:
             try:
                 self.cmake_build(output_dir, nvcc)
                 return
             except subprocess.CalledProcessError as exc:
+                if want_cuda == "1":  # asked for explicitly: a CUDA compile error must not pass silently
+                    raise
                 self.warn(f"ctxext_kernels: the CUDA build failed ({exc}); building the host part only")
         self.cmake_build(output_dir, None)
 
@@ -110,7 +121,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "dev": ["pytest", "gguf", "accelerate", "matplotlib", "mpmath"],
+        "dev": ["pytest", "gguf", "accelerate", "matplotlib", "mpmath", "pybind11>=2.12", "ninja"],
         "flash": ["flash-attn"],
     },
     entry_points={

@@ -23,16 +23,18 @@ std::string format_dims(const std::vector<int64_t>& dims) {
 
 // Rank, non-null data, one stride per dim, non-negative sizes.
 void check_view(const TensorView& t, const char* name, size_t rank, const char* dims) {
-  if (t.data == 0) fail(name, "null data pointer");
   if (t.shape.size() != rank) {
     fail(name, "expected " + std::to_string(rank) + " dims " + dims + ", got shape " + format_dims(t.shape));
   }
   if (t.strides.size() != rank) {
     fail(name, "got " + std::to_string(t.strides.size()) + " strides for " + std::to_string(rank) + " dims");
   }
+  int64_t elements = 1;
   for (int64_t size : t.shape) {
     if (size < 0) fail(name, "negative size in shape " + format_dims(t.shape));
+    elements *= size;
   }
+  if (t.data == 0 && elements > 0) fail(name, "null data pointer");  // empty tensors may have none
 }
 
 // q, k and their outputs: [B, S, H, D] with a contiguous head dim.
@@ -91,8 +93,9 @@ RopeLaunch prepare_rope(const RopeArgs& args) {
   check_same_shape(args.q_out, "q_out", args.q, "q");
   const int64_t batch = args.q.shape[0], seq = args.q.shape[1], head_dim = args.q.shape[3];
 
-  const bool has_k = args.k.data != 0;
-  if (has_k != (args.k_out.data != 0)) fail("k_out", "must be given exactly when k is");
+  // An absent k is a default TensorView (no shape); an empty k has a shape but possibly no data.
+  const bool has_k = !args.k.shape.empty();
+  if (has_k != !args.k_out.shape.empty()) fail("k_out", "must be given exactly when k is");
   if (has_k) {
     check_heads_view(args.k, "k");
     check_heads_view(args.k_out, "k_out");

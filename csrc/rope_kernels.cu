@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda_check.h"
 #include "rope.h"
 
 namespace ctxext {
@@ -51,31 +52,10 @@ __global__ void __launch_bounds__(kMaxThreads) rope_kernel(const RopeParams p, i
   }
 }
 
-void check_cuda(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    throw std::runtime_error(std::string("ctxext rope_cuda: ") + what + " failed: " + cudaGetErrorName(status) +
-                             " (" + cudaGetErrorString(status) + ")");
-  }
-}
-
-// Make the tensors' device current for the launch and restore the caller's device afterwards.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (device != previous_) check_cuda(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-};
-
 int sm_count(int device) {
   int count = 0;
-  check_cuda(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "reading the SM count");
+  check_cuda(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "rope_cuda",
+             "reading the SM count");
   return count;
 }
 
@@ -109,7 +89,7 @@ void rope_cuda(const RopeArgs& args) {
     rope_kernel<T, kInterleaved, kVectorized><<<static_cast<unsigned>(blocks), threads, shared, stream>>>(
         launch.params, launch.tokens, static_cast<int>(tokens_per_block), launch.items_per_token);
   });
-  check_cuda(cudaGetLastError(), "launching the RoPE kernel");
+  check_cuda(cudaGetLastError(), "rope_cuda", "launching the RoPE kernel");
 }
 
 }  // namespace ctxext

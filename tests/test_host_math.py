@@ -134,3 +134,131 @@ _INV_FREQ = torch.ones(4)
 def test_argument_errors_name_the_argument(q, q_out, positions, inv_freq, message):
     with pytest.raises(ValueError, match=message):
         _rotate(q, positions, inv_freq, q_out=q_out)
+
+
+# --- The host build of the kernel against a float64 rotation, over a curated list of launches ---------------------
+
+def _float64_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
+                  interleaved: bool) -> torch.Tensor:
+    """x `[B, S, H, D]` rotated in float64 (real arithmetic, pairs picked by index); dims >= rotary_dim unchanged."""
+    x = x.to(torch.float64).clone()
+    pairs = inv_freq.numel()
+    first = torch.arange(pairs) * 2 if interleaved else torch.arange(pairs)
+    second = first + 1 if interleaved else first + pairs
+    angle = positions.to(torch.float64)[:, :, None, None] * inv_freq.to(torch.float64)  # [B, S, 1, pairs]
+    cos, sin = scaling * torch.cos(angle), scaling * torch.sin(angle)
+    x1, x2 = x[..., first], x[..., second]
+    x[..., first], x[..., second] = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    return x
+
+
+# Rounding of a value computed in fp32 to the dtype: half an ulp relative. Plus the fp32 arithmetic itself (angle error
+# ~3e-7 on cos/sin, two products and a sum): ~2e-6 times the pair's magnitude.
+_ROUNDING = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+_FP32_ARITHMETIC = 2e-6
+
+
+def _assert_within_rounding(actual: torch.Tensor, expected: torch.Tensor, x: torch.Tensor, scaling: float,
+                            what: str) -> None:
+    bound = _ROUNDING[actual.dtype] * expected.abs() + _FP32_ARITHMETIC * scaling * x.to(torch.float64).abs().amax(-1,
+                                                                                                                 True)
+    excess = (actual.to(torch.float64) - expected).abs() - bound
+    worst = int(excess.argmax())
+    assert excess.max() <= 0, (f"{what}: element {np.unravel_index(worst, excess.shape)} off by "
+                               f"{float(excess.flatten()[worst] + bound.flatten()[worst]):.3g}, "
+                               f"bound {float(bound.flatten()[worst]):.3g}")
+
+
+def _heads_view(batch, seq, heads, head_dim, dtype, storage, generator):
+    """A `[B, S, H, D]` view with the given storage: contiguous, "bhsd" (transformers' transposed [B, H, S, D]),
+    "padded" (rows of a wider buffer), "shifted" (one element off 16-byte alignment: the scalar path)."""
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype)
+    if storage == "contiguous":
+        return randn(batch, seq, heads, head_dim)
+    if storage == "bhsd":
+        return randn(batch, heads, seq, head_dim).transpose(1, 2)
+    if storage == "padded":
+        return randn(batch, seq, heads + 1, head_dim + 8)[:, :, 1:, :head_dim]
+    if storage == "shifted":
+        flat = randn(batch * seq * heads * head_dim + 1)[1:]
+        return flat.view(batch, seq, heads, head_dim)
+    raise ValueError(storage)
+
+
+def _positions_view(batch, seq, dtype, storage, generator, largest=MAX_POSITION):
+    """`[B, S]` positions: "random" contiguous, "shared" (one row expanded, stride 0 along B), "transposed" strides."""
+    if storage == "shared":
+        return torch.randint(0, largest + 1, (seq,), generator=generator, dtype=dtype).expand(batch, seq)
+    positions = torch.randint(0, largest + 1, (batch, seq), generator=generator, dtype=dtype)
+    return positions.T.contiguous().T if storage == "transposed" else positions
+
+
+# (dtype, head_dim, rotary_dim, q heads, k heads, interleaved, q/k storage, positions dtype and storage, scaling, why)
+HOST_CASES = [
+    (torch.float32, 64, 64, 9, 3, False, "contiguous", torch.int64, "random", 1.0, "smollm2 gqa fp32"),
+    (torch.bfloat16, 128, 128, 8, 2, False, "bhsd", torch.int64, "shared", 1.0, "llama bhsd views, shared positions"),
+    (torch.float16, 128, 128, 4, 1, True, "contiguous", torch.int32, "transposed", 1.0, "interleaved mqa int32"),
+    (torch.bfloat16, 80, 64, 4, 4, False, "padded", torch.int64, "random", 1.2079, "partial rotary, yarn scaling"),
+    (torch.float16, 96, 32, 3, 1, True, "padded", torch.int32, "random", 1.0, "partial interleaved"),
+    (torch.float32, 256, 256, 2, 2, False, "shifted", torch.int64, "random", 0.7, "misaligned fp32 scalar path"),
+    (torch.bfloat16, 64, 48, 5, 5, True, "shifted", torch.int32, "shared", 1.0, "misaligned partial interleaved"),
+    (torch.float16, 72, 72, 2, 1, False, "contiguous", torch.int64, "random", 1.0, "rotary/2 not a vector multiple"),
+]
+
+
+def _case_inputs(case, batch=2, seq=5):
+    dtype, head_dim, rotary_dim, q_heads, k_heads, interleaved, storage, pos_dtype, pos_storage, scaling, _ = case
+    g = torch.Generator().manual_seed(head_dim * 31 + q_heads)
+    q = _heads_view(batch, seq, q_heads, head_dim, dtype, storage, g)
+    k = _heads_view(batch, seq, k_heads, head_dim, dtype, storage, g)
+    positions = _positions_view(batch, seq, pos_dtype, pos_storage, g)
+    theta = torch.tensor(10_000.0, dtype=torch.float64)
+    inv_freq = (1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)).float()
+    return q, k, positions, inv_freq, scaling, interleaved
+
+
+@pytest.mark.parametrize("case", HOST_CASES, ids=lambda c: c[-1])
+def test_host_loop_out_of_place_matches_float64(case):
+    q, k, positions, inv_freq, scaling, interleaved = _case_inputs(case)
+    # Outputs start as NaN: every element, tail included, must be written.
+    q_out, k_out = torch.full_like(q, float("nan")), torch.full_like(k, float("nan"))
+    q_before, k_before = q.clone(), k.clone()
+    cuda_ext.rope_forward(q, k, q_out, k_out, positions, inv_freq, scaling, interleaved, False, True)
+    for name, x, out in (("q", q, q_out), ("k", k, k_out)):
+        expected = _float64_rope(x, positions, inv_freq, scaling, interleaved)
+        _assert_within_rounding(out, expected, x, scaling, name)
+        rotary_dim = 2 * inv_freq.numel()
+        assert torch.equal(out[..., rotary_dim:], x[..., rotary_dim:]), f"{name}: tail not copied bit for bit"
+    assert torch.equal(q, q_before) and torch.equal(k, k_before), "inputs modified by an out-of-place launch"
+
+
+@pytest.mark.parametrize("case", HOST_CASES, ids=lambda c: c[-1])
+def test_host_loop_in_place_matches_float64(case):
+    q, k, positions, inv_freq, scaling, interleaved = _case_inputs(case)
+    q_before, k_before = q.clone(), k.clone()
+    cuda_ext.rope_forward(q, k, q, k, positions, inv_freq, scaling, interleaved, False, True)
+    for name, x, before in (("q", q, q_before), ("k", k, k_before)):
+        _assert_within_rounding(x, _float64_rope(before, positions, inv_freq, scaling, interleaved), before, scaling,
+                                name)
+        rotary_dim = 2 * inv_freq.numel()
+        assert torch.equal(x[..., rotary_dim:], before[..., rotary_dim:]), f"{name}: tail touched in place"
+
+
+@pytest.mark.parametrize("case", [c for c in HOST_CASES if c[0] == torch.float32], ids=lambda c: c[-1])
+def test_conjugate_undoes_the_rotation(case):
+    # R(-theta) R(theta) = identity; with scaling s the round trip multiplies by s^2.
+    q, k, positions, inv_freq, scaling, interleaved = _case_inputs(case)
+    q_rot, k_rot = torch.empty_like(q), torch.empty_like(k)
+    cuda_ext.rope_forward(q, k, q_rot, k_rot, positions, inv_freq, scaling, interleaved, False, True)
+    cuda_ext.rope_forward(q_rot, k_rot, q_rot, k_rot, positions, inv_freq, 1.0 / scaling, interleaved, True, True)
+    torch.testing.assert_close(q_rot, q, rtol=0, atol=4e-6 * float(q.abs().max()))
+    torch.testing.assert_close(k_rot, k, rtol=0, atol=4e-6 * float(k.abs().max()))
+
+
+def test_decode_single_token_and_q_only():
+    # One token (the decode step), no k: the launch with the fewest items.
+    q, _, positions, inv_freq, scaling, interleaved = _case_inputs(HOST_CASES[1], batch=1, seq=1)
+    q_out = torch.empty_like(q)
+    cuda_ext.rope_forward(q, None, q_out, None, positions, inv_freq, scaling, interleaved, False, True)
+    _assert_within_rounding(q_out, _float64_rope(q, positions, inv_freq, scaling, interleaved), q, scaling, "q")
