@@ -49,7 +49,7 @@ void check_same_shape(const TensorView& out, const char* out_name, const TensorV
   if (out.shape != in.shape) {
     fail(out_name, "shape " + format_dims(out.shape) + " must equal " + in_name + "'s shape " + format_dims(in.shape));
   }
-  if (out.data == in.data && out.strides != in.strides) {
+  if (out.data != 0 && out.data == in.data && out.strides != in.strides) {
     fail(out_name, std::string("shares ") + in_name + "'s data pointer with different strides " +
                        format_dims(out.strides) + " vs " + format_dims(in.strides) + "; pass " + in_name +
                        " itself to rotate in place");

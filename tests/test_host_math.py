@@ -117,6 +117,12 @@ def test_vectorized_and_scalar_paths_agree():
                                rtol=0, atol=0)
 
 
+def test_empty_batch_is_a_no_op():
+    q, k = torch.empty(0, 3, 4, 16), torch.empty(0, 3, 2, 16)
+    cuda_ext.rope_forward(q, k, torch.empty_like(q), torch.empty_like(k), torch.empty(0, 3, dtype=torch.int32),
+                          torch.ones(4), 1.0, False, False, True)
+
+
 _Q = torch.randn(2, 3, 4, 16)
 _POSITIONS = torch.zeros(2, 3, dtype=torch.int64)
 _INV_FREQ = torch.ones(4)
