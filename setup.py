@@ -62,7 +62,9 @@ class CMakeBuild(build_ext):
                       "PyTorch reference still work.\n" + "=" * 100)
 
     def build_extension(self, ext: Extension):
-        output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        target = Path(self.get_ext_fullpath(ext.name)).resolve()
+        target.unlink(missing_ok=True)  # a failed build must not ship the module left in build/ by an earlier one
+        output_dir = target.parent
         want_cuda = os.environ.get("CTXEXT_BUILD_CUDA", "auto")
         nvcc = find_nvcc() if want_cuda != "0" else None
         if want_cuda == "1" and not nvcc:

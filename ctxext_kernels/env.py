@@ -37,7 +37,9 @@ def collect() -> dict:
     gpus = [{"name": torch.cuda.get_device_name(i), "sm": "%d%d" % torch.cuda.get_device_capability(i)}
             for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     return {
-        "ctxext_kernels": ctxext_kernels.__version__,
+        # the installed distribution's version carries the wheel's CUDA tag (0.1.0+cu130); a source tree has none
+        "ctxext_kernels": (lambda v: ctxext_kernels.__version__ if v == "not installed" else v)(
+            _version("ctxext_kernels")),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "extension": extension,

