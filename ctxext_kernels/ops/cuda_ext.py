@@ -28,7 +28,7 @@ def _load() -> tuple[ModuleType | None, str]:
 def _cuda_problem(ext: ModuleType) -> str:
     """Why the CUDA kernels cannot run here, or "" when they can."""
     if not ext.has_cuda:
-        return "extension built without CUDA (no nvcc at install time, or CTXEXT_BUILD_CUDA=0)"
+        return "extension built without CUDA (no nvcc at install time, CTXEXT_BUILD_CUDA=0, or its CUDA build failed)"
     if not torch.cuda.is_available():
         return "torch sees no CUDA device"
     built_major = ext.cuda_version.split(".")[0]
