@@ -1,9 +1,23 @@
 """The one benchmark harness: timing, peak memory, device description, results, and the JSON/markdown/PNG writers.
 
 Every benchmark script builds a list of `Result`s with `measure(...)` and hands them to `write_report(...)`; all share
-`parser(...)`'s flags (`--smoke`, `--output`, `--repeats`). On a GPU, time comes from `triton.testing.do_bench`
-(L2 flushed before every repeat, quantiles p20/p50/p80); on a CPU from `time.perf_counter` with the same quantiles, so
-every script also runs in a seconds-long `--smoke` mode where there is no GPU.
+`parser(...)`'s flags (`--smoke`, `--quick`, `--output`, `--repeats`), so they have the same `--help`.
+
+Timing
+------
+- GPU (`device="cuda"`): CUDA events around each call, with L2 flushed before every call (a 256 MiB memset, more than
+  any current L2) so a kernel never reads its inputs from a warm cache; quantiles p20/p50/p80 over exactly `repeats`
+  calls, after `warmup` untimed calls (compilation, autotuning, allocator warm-up stay out). This is what
+  `triton.testing.do_bench` does, but with a fixed repeat count instead of a time budget. The events measure *device*
+  time: the host overhead of a call hides behind the flush, so `measure(..., wall=True)` also reports the per-call
+  wall-clock time of back-to-back calls (`wall_ms_*`), which is what a caller that launches one call after another
+  (decode) sees and where Python overhead shows.
+- CPU (`device="cpu"`): `time.perf_counter` around each call, same warm-up and quantiles, so every script has a
+  seconds-long `--smoke` mode on a machine without a GPU.
+
+Derived metrics: `gbps(bytes, ms)` (achieved bandwidth, bytes read + written once each), `tflops(flops, ms)`,
+`add_relative(...)` (% of a reference provider such as a `copy_` of the same bytes) and `pct_of_peak` (% of the
+datasheet bandwidth, where `device_info()` knows it).
 """
 
 from __future__ import annotations
@@ -11,24 +25,45 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.metadata
 import json
 import platform
 import re
-import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
 QUANTILES = (0.2, 0.5, 0.8)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Larger than the L2 of every current NVIDIA GPU (H100 50 MB, H200 60 MB, B200 126 MB): zeroing it evicts all inputs.
+L2_FLUSH_BYTES = 256 * 2**20
+# Datasheet DRAM bandwidth in GB/s, matched against torch's device name (first match wins, so specific names first).
+PEAK_GBPS = (
+    ("H100 NVL", 3900.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("H200", 4800.0), ("GH200", 4000.0),
+    ("B200", 8000.0), ("A100 80GB PCIe", 1935.0), ("A100-SXM4-80GB", 2039.0), ("A100", 1555.0),
+    ("L40S", 864.0), ("L4", 300.0), ("RTX 4090", 1008.0), ("A10G", 600.0),
+)
 
 
 @dataclasses.dataclass
 class Result:
-    """One measurement: `case` holds the shape parameters (e.g. tokens, kv_heads), `metrics` the numbers (ms_p50,
-    gbps, ...); `skipped` says why a provider could not run that case."""
+    """One measurement.
+
+    Attributes
+    ----------
+    benchmark : str
+        The script's name, e.g. "rope".
+    provider : str
+        The implementation measured, e.g. "ctxext-cuda", "hf-eager", "copy".
+    case : dict
+        The shape parameters (e.g. tokens, kv_heads, mode); `write_report` uses them as table columns and plot axes.
+    metrics : dict
+        Numbers: `ms_p20/ms_p50/ms_p80` always, plus `gbps`, `tflops`, `peak_mib`, `wall_ms_*`, `pct_of_*` when asked.
+    skipped : str or None
+        Why the provider did not run this case (not installed, out of memory, unsupported shape); metrics are empty.
+    """
 
     benchmark: str
     provider: str
@@ -37,45 +72,150 @@ class Result:
     skipped: str | None = None
 
 
-def device_info() -> dict:
-    """Name, slug (a folder name for results), and the versions a reader needs to reproduce a figure."""
-    import triton
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
-    if torch.cuda.is_available():
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def slugify(name: str) -> str:
+    """A folder name from a device name: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def peak_bandwidth_gbps(device_name: str) -> float | None:
+    """Datasheet DRAM bandwidth (GB/s) of a GPU named like torch names it, or None when unknown."""
+    for key, value in PEAK_GBPS:
+        if key in device_name:
+            return value
+    return None
+
+
+def device_info(device: str | None = None) -> dict:
+    """What a reader needs to reproduce a figure: device name, `slug` (the results folder), versions, bandwidth.
+
+    Parameters
+    ----------
+    device : {"cuda", "cpu"} or None
+        The device the benchmark ran on; None means CUDA when torch sees a GPU, else the CPU.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    info = {"torch": torch.__version__, "triton": _version("triton"), "transformers": _version("transformers"),
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        name = props.name
-        extra = {"sm": f"{props.major}{props.minor}", "memory_gib": round(props.total_memory / 2**30, 1),
-                 "cuda": torch.version.cuda}
+        info.update(name=props.name, sm=f"{props.major}{props.minor}", sm_count=props.multi_processor_count,
+                    memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                    l2_mib=round(getattr(props, "L2_cache_size", 0) / 2**20, 1) or None,
+                    peak_gbps=peak_bandwidth_gbps(props.name))
     else:
-        name = f"cpu-{platform.machine()}"
-        extra = {"cpu_count": torch.get_num_threads()}
-    return {"name": name, "slug": re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"), "torch": torch.__version__,
-            "triton": triton.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), **extra}
+        info.update(name=_cpu_name(), threads=torch.get_num_threads(), peak_gbps=None)
+    info["slug"] = slugify(info["name"])
+    return info
 
 
-def time_ms(fn: Callable[[], object], repeats: int = 50, warmup: int = 5) -> dict[str, float]:
-    """Quantiles of one call's time in milliseconds: `{"ms_p20", "ms_p50", "ms_p80"}`."""
-    if torch.cuda.is_available():
-        import triton.testing
+def _quantiles(samples_ms: list[float], prefix: str = "ms") -> dict[str, float]:
+    """p20/p50/p80 of `samples_ms` (linear interpolation between order statistics)."""
+    ordered = sorted(samples_ms)
 
-        # do_bench flushes L2 before each repeat, so a kernel never reads its inputs from a warm cache
-        values = triton.testing.do_bench(fn, warmup=warmup * 5, rep=repeats * 2, quantiles=list(QUANTILES))
-    else:
-        for _ in range(warmup):
-            fn()
+    def at(q: float) -> float:
+        index = q * (len(ordered) - 1)
+        low = int(index)
+        high = min(low + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (index - low)
+
+    return {f"{prefix}_p{round(q * 100)}": at(q) for q in QUANTILES}
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def time_ms(fn: Callable[[], object], repeats: int = 50, warmup: int = 5, *, device: str | None = None,
+            flush_l2: bool = True) -> dict[str, float]:
+    """Quantiles of one call's time in milliseconds.
+
+    Parameters
+    ----------
+    fn : callable
+        The work, with its inputs bound (no arguments).
+    repeats, warmup : int
+        Timed calls and untimed calls before them.
+    device : {"cuda", "cpu"} or None
+        Where `fn` runs (None: CUDA when available). CUDA uses events (device time), CPU `time.perf_counter`.
+    flush_l2 : bool
+        CUDA only: zero `L2_FLUSH_BYTES` before every timed call.
+
+    Returns
+    -------
+    dict
+        `{"ms_p20", "ms_p50", "ms_p80"}`.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    device = device or _default_device()
+    for _ in range(warmup):
+        fn()
+    if device != "cuda":
         samples = []
         for _ in range(repeats):
             start = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - start) * 1e3)
-        cuts = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else samples * 9
-        values = [cuts[1], statistics.median(samples), cuts[7]]
-    return {f"ms_p{int(q * 100)}": float(v) for q, v in zip(QUANTILES, values)}
+        return _quantiles(samples)
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda") if flush_l2 else None
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    torch.cuda.synchronize()
+    for start, end in zip(starts, ends):
+        if flush is not None:
+            flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return _quantiles([start.elapsed_time(end) for start, end in zip(starts, ends)])
 
 
-def peak_memory_mib(fn: Callable[[], object]) -> float | None:
-    """Peak GPU memory allocated while `fn` runs (MiB), measured from a reset; None on CPU (not measured)."""
-    if not torch.cuda.is_available():
+def wall_ms(fn: Callable[[], object], repeats: int = 20, calls: int = 20, *, device: str | None = None
+            ) -> dict[str, float]:
+    """Per-call wall-clock time of `calls` back-to-back calls (host overhead included), quantiles over `repeats`.
+
+    Returns `{"wall_ms_p20", "wall_ms_p50", "wall_ms_p80"}`. No L2 flush: this is the steady state a decode loop sees.
+    """
+    device = device or _default_device()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()
+    sync()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        samples.append((time.perf_counter() - start) * 1e3 / calls)
+    return _quantiles(samples, prefix="wall_ms")
+
+
+def peak_memory_mib(fn: Callable[[], object], *, device: str | None = None) -> float | None:
+    """Peak GPU memory allocated while `fn` runs (MiB), counted from a reset of the peak.
+
+    On CPU this returns None: torch's CPU allocator bypasses Python's (tracemalloc would report ~0), so there is no
+    honest number to give.
+    """
+    if (device or _default_device()) != "cuda":
         return None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -84,64 +224,123 @@ def peak_memory_mib(fn: Callable[[], object]) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
+def gbps(bytes_moved: float, ms: float) -> float:
+    """Achieved bandwidth in GB/s (1e9 bytes) of moving `bytes_moved` in `ms` milliseconds."""
+    return bytes_moved / (ms * 1e-3) / 1e9
+
+
+def tflops(flops: float, ms: float) -> float:
+    """Achieved TFLOP/s (1e12) of `flops` floating-point operations in `ms` milliseconds."""
+    return flops / (ms * 1e-3) / 1e12
+
+
 def measure(benchmark: str, provider: str, case: dict, fn: Callable[[], object], *, repeats: int = 50,
-            bytes_moved: int | None = None, flops: float | None = None, memory: bool = False) -> Result:
-    """Time `fn` (and optionally its peak memory); derive GB/s and TFLOP/s from the median when sizes are given.
-    A provider that fails (unsupported shape, out of memory) is recorded as skipped with the reason, never raised."""
+            warmup: int = 5, bytes_moved: float | None = None, flops: float | None = None, memory: bool = False,
+            wall: bool = False, device: str | None = None) -> Result:
+    """Time `fn`; optionally its peak memory and back-to-back wall time; derive GB/s and TFLOP/s from the median.
+
+    A provider that fails (out of memory, unsupported shape, a peer's compile error) is recorded as skipped with the
+    exception's type and first line, never raised: the table shows the reason next to the other providers.
+    """
+    device = device or _default_device()
     try:
-        metrics = time_ms(fn, repeats)
+        metrics = time_ms(fn, repeats, warmup, device=device)
+        if wall:
+            metrics.update(wall_ms(fn, device=device))
         if memory:
-            metrics["peak_mib"] = peak_memory_mib(fn)
-    except (RuntimeError, ValueError, NotImplementedError) as exc:  # torch.OutOfMemoryError is a RuntimeError
-        if torch.cuda.is_available():
+            metrics["peak_mib"] = peak_memory_mib(fn, device=device)
+    except Exception as exc:  # noqa: BLE001 - any failure of a provider becomes a recorded skip reason
+        if device == "cuda":
             torch.cuda.empty_cache()
-        return Result(benchmark, provider, case, skipped=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-    seconds = metrics["ms_p50"] / 1e3
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        return Result(benchmark, provider, case, skipped=f"{type(exc).__name__}: {first_line}".rstrip(": "))
     if bytes_moved is not None:
-        metrics["gbps"] = bytes_moved / seconds / 1e9
+        metrics["gbps"] = gbps(bytes_moved, metrics["ms_p50"])
+        peak = peak_bandwidth_gbps(torch.cuda.get_device_name(0)) if device == "cuda" else None
+        if peak:
+            metrics["pct_of_peak"] = 100.0 * metrics["gbps"] / peak
     if flops is not None:
-        metrics["tflops"] = flops / seconds / 1e12
+        metrics["tflops"] = tflops(flops, metrics["ms_p50"])
     return Result(benchmark, provider, case, metrics)
 
 
 def skipped(benchmark: str, provider: str, case: dict, reason: str) -> Result:
+    """A provider that cannot run `case` (e.g. not installed), with the reason shown in the table."""
     return Result(benchmark, provider, case, skipped=reason)
 
 
 def add_relative(results: list[Result], reference_provider: str, metric: str, key: tuple[str, ...],
                  name: str = "pct_of_ref") -> None:
-    """Add `name` = 100 * metric / metric of `reference_provider` for the same case (e.g. % of the copy ceiling)."""
-    reference = {tuple(r.case[k] for k in key): r.metrics.get(metric) for r in results
+    """Add `name` = 100 * metric / (metric of `reference_provider` in the case with the same `key` values).
+
+    E.g. `add_relative(results, "copy", "gbps", ("tokens", "kv_heads"), "pct_of_copy")`: % of the copy ceiling.
+    """
+    reference = {tuple(r.case.get(k) for k in key): r.metrics.get(metric) for r in results
                  if r.provider == reference_provider and not r.skipped}
     for r in results:
-        ref = reference.get(tuple(r.case[k] for k in key))
-        if ref and metric in r.metrics:
+        ref = reference.get(tuple(r.case.get(k) for k in key))
+        if ref and r.metrics.get(metric) is not None:
             r.metrics[name] = 100.0 * r.metrics[metric] / ref
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    """The flags every benchmark script has."""
+    """An argument parser with the flags every benchmark script has; scripts add their own to it."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, CPU-friendly: checks the script runs")
-    p.add_argument("--quick", action="store_true", help="fewer shapes (fits a 10-minute GPU lease command)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny shapes on the CPU (seconds): checks the script and the writers run")
+    p.add_argument("--quick", action="store_true", help="fewer shapes, to fit one 10-minute GPU command")
     p.add_argument("--output", type=Path, default=None,
                    help="results folder (default: benchmarks/results/<device-slug>/)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default: per script)")
     return p
 
 
+def progress(items: Iterable, description: str, total: int | None = None):
+    """A tqdm bar over `items` (on stderr, so stdout keeps the tables)."""
+    from tqdm import tqdm
+
+    return tqdm(items, desc=description, total=total, leave=False, dynamic_ncols=True)
+
+
 def write_report(name: str, results: list[Result], settings: dict, output: Path | None, *, x: str, y: str,
-                 series: tuple[str, ...] = (), columns: tuple[str, ...] = (), log_x: bool = True) -> Path:
-    """Write `<name>.json` (device + settings + results), `<name>.md` (a table) and `<name>.png` (y against x, one
-    line per provider and `series` combination) into `output`; return the folder."""
-    device = device_info()
-    output = Path(output) if output else RESULTS_DIR / device["slug"]
+                 series: tuple[str, ...] = (), panels: tuple[str, ...] = (), columns: tuple[str, ...] = (),
+                 log_x: bool = True, device: str | None = None) -> Path:
+    """Write `<name>.json`, `<name>.md` and `<name>.png` into `output` (default `results/<device-slug>/`).
+
+    Parameters
+    ----------
+    name : str
+        File stem, e.g. "bench_rope".
+    results : list of Result
+    settings : dict
+        Everything that is not a case parameter (dtype, repeats, head_dim, ...); stored in the JSON and the table head.
+    output : Path or None
+    x, y : str
+        Plot axes: a `case` key (e.g. "tokens") and a metric (e.g. "gbps").
+    series : tuple of str
+        Case keys added to each line's label (one line per provider and combination of these).
+    panels : tuple of str
+        Case keys that split the figure into one panel per combination (e.g. ("kv_heads", "mode")).
+    columns : tuple of str
+        Metrics shown in the markdown table (default: just `y`).
+    log_x : bool
+        Log-2 x axis (token counts).
+    device : {"cuda", "cpu"} or None
+        Where the results were measured (for the device description).
+
+    Returns
+    -------
+    Path
+        The folder written.
+    """
+    info = device_info(device)
+    output = Path(output) if output else RESULTS_DIR / info["slug"]
     output.mkdir(parents=True, exist_ok=True)
     (output / f"{name}.json").write_text(json.dumps(
-        {"benchmark": name, "device": device, "settings": settings,
-         "results": [dataclasses.asdict(r) for r in results]}, indent=1))
-    (output / f"{name}.md").write_text(_markdown(name, device, settings, results, columns or (y,)))
-    _plot(output / f"{name}.png", name, device, results, x, y, series, log_x)
+        {"benchmark": name, "device": info, "settings": settings,
+         "results": [dataclasses.asdict(r) for r in results]}, indent=1) + "\n")
+    (output / f"{name}.md").write_text(markdown_table(name, info, settings, results, columns or (y,)))
+    plot(output / f"{name}.png", name, info, results, x, y, series, panels, log_x)
     return output
 
 
@@ -151,43 +350,57 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _markdown(name, device, settings, results, columns) -> str:
+def markdown_table(name: str, info: dict, settings: dict, results: list[Result], columns: tuple[str, ...]) -> str:
+    """One row per result: the case keys, the provider, then `columns` (a skipped provider shows its reason)."""
     case_keys = list(dict.fromkeys(k for r in results for k in r.case))
-    lines = [f"# {name} on {device['name']}", "", f"torch {device['torch']}, triton {device['triton']}, "
-             f"{device['date'][:10]}. Settings: {json.dumps(settings)}", "",
+    versions = ", ".join(f"{k} {info[k]}" for k in ("torch", "cuda", "triton", "transformers") if info.get(k))
+    lines = [f"# {name} on {info['name']}", "", f"{versions}; {info['date']}.", "",
+             f"Settings: `{json.dumps(settings)}`", "",
              "| " + " | ".join(case_keys + ["provider"] + list(columns)) + " |",
              "|" + "---|" * (len(case_keys) + 1 + len(columns))]
     for r in results:
         cells = [_fmt(r.case.get(k)) for k in case_keys] + [r.provider]
-        cells += [f"skipped: {r.skipped}" if r.skipped else _fmt(r.metrics.get(c)) for c in columns]
+        if r.skipped:
+            cells += [f"skipped: {r.skipped.replace('|', '/')}"] + ["-"] * (len(columns) - 1)
+        else:
+            cells += [_fmt(r.metrics.get(c)) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _plot(path: Path, name, device, results, x, y, series, log_x) -> None:
+def plot(path: Path, name: str, info: dict, results: list[Result], x: str, y: str, series: tuple[str, ...] = (),
+         panels: tuple[str, ...] = (), log_x: bool = True) -> None:
+    """A PNG of `y` against `x`: one panel per `panels` combination, one line per provider (+ `series`) in each."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    lines: dict[str, list[tuple[float, float]]] = {}
+    grouped: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for r in results:
         if r.skipped or r.metrics.get(y) is None or x not in r.case:
             continue
-        label = " ".join([r.provider] + [f"{k}={r.case[k]}" for k in series])
-        lines.setdefault(label, []).append((r.case[x], r.metrics[y]))
-    for label, points in sorted(lines.items()):
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    if log_x:
-        ax.set_xscale("log", base=2)
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    ax.set_title(f"{name} — {device['name']}")
-    ax.grid(True, alpha=0.3)
-    if lines:
+        panel = ", ".join(f"{k}={r.case.get(k)}" for k in panels)
+        label = " ".join([r.provider] + [f"{k}={r.case.get(k)}" for k in series])
+        grouped.setdefault(panel, {}).setdefault(label, []).append((r.case[x], r.metrics[y]))
+    count = max(1, len(grouped))
+    columns = min(2, count)
+    rows = (count + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(7 * columns, 4.5 * rows), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    for ax, (panel, lines) in zip(axes.flat, sorted(grouped.items())):
+        for label, points in sorted(lines.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        if log_x:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_title(panel or name, fontsize=10)
+        ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
+    fig.suptitle(f"{name} on {info['name']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
