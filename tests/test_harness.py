@@ -78,3 +78,21 @@ def test_writers(tmp_path):
     assert len(rows) == 13 and all(row.count("|") == 6 for row in rows)  # a '|' in a reason must not add a cell
     assert "| 1 | fwd | c | skipped: not installed / really | - |" in rows
     assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rope_smoke_runs_every_cpu_provider_and_checks_accuracy(tmp_path):
+    import bench_rope
+
+    bench_rope.main(["--smoke", "--repeats", "2", "--output", str(tmp_path)])
+    data = json.loads((tmp_path / "bench_rope.json").read_text())
+    rows = {(r["provider"], r["case"]["tokens"], r["case"]["kv_heads"], r["case"]["mode"]): r for r in data["results"]}
+    for provider in ("ctxext-cpu", "ctxext-cpu-raw", "ctxext-torch", "hf-eager", "hf-apply"):
+        row = rows[(provider, 256, 4, "fwd")]
+        assert row["skipped"] is None and row["metrics"]["gbps"] > 0, provider
+        # fp32 rotation by angles up to 255 rad: our exact angles stay at fp32 rounding of the outputs
+        limit = 1e-5 if provider.startswith("ctxext") else 1e-3
+        assert row["metrics"]["max_err"] < limit, (provider, row["metrics"]["max_err"])
+    assert rows[("copy", 256, 4, "fwd")]["metrics"]["pct_of_copy"] == pytest.approx(100.0)
+    assert "wall_ms_p50" in rows[("ctxext-cpu", 1, 1, "fwd")]["metrics"]  # decode: host overhead is reported
+    assert ("ctxext-cpu-raw", 256, 4, "fwd+bwd") not in rows  # the bare launcher has no backward
+    assert (tmp_path / "bench_rope.png").exists() and (tmp_path / "bench_rope.md").exists()
