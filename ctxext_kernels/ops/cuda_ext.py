@@ -65,7 +65,7 @@ def status() -> tuple[bool, bool, str]:
 def _view(x: torch.Tensor | None, ext: ModuleType):
     if x is None:
         return ext.TensorView()
-    return ext.TensorView(x.data_ptr(), list(x.shape), list(x.stride()))
+    return ext.TensorView(x.data_ptr(), x.shape, x.stride())  # torch.Size and stride tuples convert as sequences
 
 
 def rope_forward(q: torch.Tensor, k: torch.Tensor | None, q_out: torch.Tensor, k_out: torch.Tensor | None,
