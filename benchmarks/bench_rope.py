@@ -241,12 +241,17 @@ def run(args) -> Path:
     table = providers(device, args.smoke)
     torch.manual_seed(0)
     results: list[harness.Result] = []
-    cases = [(kv, n, mode) for kv in kv_options for n in token_counts for mode in ("fwd", "fwd+bwd")]
+    # token counts outermost: a sweep cut short by --time-budget still covers both kv-head counts and both modes
+    cases = [(kv, n, mode) for n in token_counts for kv in kv_options for mode in ("fwd", "fwd+bwd")]
+    deadline = harness.Deadline(args.time_budget)
     for kv_heads, tokens, mode in harness.progress(cases, "rope"):
+        case = {"tokens": tokens, "kv_heads": kv_heads, "mode": mode}
+        if deadline.expired():
+            results.append(harness.skipped("rope", "all", case, deadline.reason()))
+            continue
         x = make_inputs(tokens, kv_heads, q_heads, head_dim, dtype, device, requires_grad=mode == "fwd+bwd")
         moved = bytes_moved(x) * (1 if mode == "fwd" else 2)
         expected = oracle(x) if mode == "fwd" else None
-        case = {"tokens": tokens, "kv_heads": kv_heads, "mode": mode}
         for name, factory in table.items():
             if mode == "fwd+bwd" and name in FORWARD_ONLY:
                 continue

@@ -292,7 +292,24 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=None,
                    help="results folder (default: benchmarks/results/<device-slug>/)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default: per script)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="start no new case after this many seconds; the cases left are recorded as not run and the "
+                        "report is still written (benchmarks/run_all.sh uses it to fit a 10-minute command)")
     return p
+
+
+class Deadline:
+    """`--time-budget` for a sweep: `expired()` once `seconds` have passed since creation (never when None)."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.start = time.monotonic()
+
+    def expired(self) -> bool:
+        return self.seconds is not None and time.monotonic() - self.start > self.seconds
+
+    def reason(self) -> str:
+        return f"not run: --time-budget {self.seconds:g} s spent"
 
 
 def progress(items: Iterable, description: str, total: int | None = None):

@@ -57,8 +57,10 @@ def test_device_description_and_bandwidth_table():
 
 
 def test_parser_has_the_common_flags():
-    args = harness.parser("demo").parse_args(["--smoke", "--output", "x", "--repeats", "3"])
-    assert args.smoke and not args.quick and args.output == Path("x") and args.repeats == 3
+    args = harness.parser("demo").parse_args(["--smoke", "--output", "x", "--repeats", "3", "--time-budget", "9"])
+    assert args.smoke and not args.quick and args.output == Path("x") and args.repeats == 3 and args.time_budget == 9
+    assert not harness.Deadline(None).expired() and not harness.Deadline(60).expired()
+    assert harness.Deadline(-1).expired() and "--time-budget -1 s" in harness.Deadline(-1).reason()
 
 
 def test_writers(tmp_path):
@@ -96,3 +98,11 @@ def test_bench_rope_smoke_runs_every_cpu_provider_and_checks_accuracy(tmp_path):
     assert "wall_ms_p50" in rows[("ctxext-cpu", 1, 1, "fwd")]["metrics"]  # decode: host overhead is reported
     assert ("ctxext-cpu-raw", 256, 4, "fwd+bwd") not in rows  # the bare launcher has no backward
     assert (tmp_path / "bench_rope.png").exists() and (tmp_path / "bench_rope.md").exists()
+
+
+def test_bench_rope_past_its_time_budget_still_writes_a_report(tmp_path):
+    import bench_rope
+
+    bench_rope.main(["--smoke", "--time-budget", "-1", "--output", str(tmp_path)])
+    data = json.loads((tmp_path / "bench_rope.json").read_text())
+    assert data["results"] and all(r["skipped"].startswith("not run: --time-budget") for r in data["results"])
