@@ -7,7 +7,8 @@ installs (Triton kernels + the PyTorch reference) and says so.
 Environment:
     CTXEXT_BUILD_CUDA   "0" skips the CUDA kernels; "1" requires them (no nvcc or a compile error fails the build);
                         default: build them when nvcc is found, and fall back to the host part if that fails
-    CTXEXT_CUDA_ARCHS   CUDA archs, e.g. "90" or "80;90" (default: 80;86;89;90, plus 100;120 on CUDA >= 12.8)
+    CTXEXT_CUDA_ARCHS   CUDA archs, e.g. "90", "80;90" or torch's "8.0 9.0+PTX" (default: 80;86;89;90, plus 100;120 on
+                        CUDA >= 12.8)
     CUDACXX / CUDA_HOME where nvcc lives, when it is not on PATH
     MAX_JOBS            parallel compile jobs
     CTXEXT_LOCAL_VERSION  a PEP 440 local version appended to the version, e.g. "cu130" -> 0.1.0+cu130
@@ -15,6 +16,7 @@ Environment:
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,6 +45,22 @@ def find_nvcc() -> str | None:
     return None
 
 
+def cuda_archs_from_env() -> str:
+    """CTXEXT_CUDA_ARCHS as CMake's list ("80;90a"), also accepting torch's spelling ("8.0 9.0a+PTX", commas).
+
+    Every arch is built as SASS + PTX anyway, so "+PTX" adds nothing. Empty means CMakeLists.txt's default.
+    """
+    archs = []
+    for entry in re.split(r"[;,\s]+", os.environ.get("CTXEXT_CUDA_ARCHS", "").strip()):
+        if not entry:
+            continue
+        arch = entry.removesuffix("+PTX").replace(".", "")
+        if not re.fullmatch(r"\d{2,3}[af]?", arch):
+            raise ValueError(f"CTXEXT_CUDA_ARCHS: cannot read {entry!r} as a CUDA arch (e.g. 90, 9.0, 90a, 8.6+PTX)")
+        archs.append(arch)
+    return ";".join(archs)
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         super().__init__(name, sources=[])
@@ -54,6 +72,8 @@ class CMakeBuild(build_ext):
     def run(self):
         try:
             super().run()
+        except ValueError:  # a misconfigured CTXEXT_CUDA_ARCHS: say so instead of quietly installing without _C
+            raise
         except Exception as exc:  # noqa: BLE001 - any toolchain failure: the pure-python package still works
             if os.environ.get("CTXEXT_BUILD_CUDA") == "1":
                 raise
@@ -94,7 +114,7 @@ class CMakeBuild(build_ext):
         if shutil.which("ninja"):
             args.append("-GNinja")
         if nvcc:
-            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCTXEXT_CUDA_ARCHS={os.environ.get('CTXEXT_CUDA_ARCHS', '')}"]
+            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCTXEXT_CUDA_ARCHS={cuda_archs_from_env()}"]
         cuda_note = f"enabled, nvcc {nvcc}" if nvcc else "disabled (no nvcc, CTXEXT_BUILD_CUDA=0 or its build failed)"
         print(f"ctxext_kernels: building _C, CUDA {cuda_note}", flush=True)
         start = time.perf_counter()

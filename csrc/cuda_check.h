@@ -1,5 +1,5 @@
-// CUDA runtime helpers shared by the launchers (rope_kernels.cu, attention/): errors turned into readable exceptions and
-// a guard that runs a launch on the tensors' device. Host code only; include from .cu files.
+// CUDA runtime helpers shared by the launchers (rope_kernels.cu, attention/): errors turned into readable exceptions
+// and a guard that runs a launch on the tensors' device. Host code only; include from .cu files.
 #pragma once
 
 #include <cuda_runtime.h>
