@@ -406,10 +406,14 @@ def plot(path: Path, name: str, info: dict, results: list[Result], x: str, y: st
     fig, axes = plt.subplots(rows, columns, figsize=(7 * columns, 4.5 * rows), squeeze=False)
     for ax in axes.flat[count:]:
         ax.set_visible(False)
+    # one colour per line label across all panels, so a provider reads the same everywhere
+    labels = sorted({label for lines in grouped.values() for label in lines})
+    palette = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    colours = {label: palette(i % palette.N) for i, label in enumerate(labels)}
     for ax, (panel, lines) in zip(axes.flat, sorted(grouped.items())):
         for label, points in sorted(lines.items()):
             points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label, color=colours[label])
         if log_x:
             ax.set_xscale("log", base=2)
         ax.set_xlabel(x)
