@@ -230,6 +230,26 @@ def with_backward(forward: Callable[[], object], x: Inputs) -> Callable[[], obje
     return run
 
 
+def measure_provider(name: str, factory: Provider, x: Inputs, case: dict, expected, moved: int, repeats: int,
+                     device: str) -> harness.Result:
+    """One provider on one case: build its callable, check its first forward output against the oracle (fwd rows),
+    time it. A peer that is not installed, rejects the shape or fails on its first call becomes a skipped row."""
+    fwd = case["mode"] == "fwd"
+    try:
+        forward = factory(x)
+        # the first call, before timing: Liger (last) is then still rotating the original inputs
+        error = max_error(forward(), expected) if fwd and name != "copy" else None
+    except Exception as exc:  # noqa: BLE001 - the reason goes into the table
+        return harness.skipped("rope", name, case, f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+    fn = forward if fwd else with_backward(forward, x)
+    # at one token the launch and Python overhead is the whole cost: time back-to-back calls too
+    result = harness.measure("rope", name, case, fn, repeats=repeats, bytes_moved=moved, wall=case["tokens"] == 1,
+                             device=device)
+    if error is not None and not result.skipped:
+        result.metrics["max_err"] = error
+    return result
+
+
 def main(argv=None) -> None:
     args = harness.parser(__doc__.splitlines()[0]).parse_args(argv)
     threads = torch.get_num_threads()
@@ -270,23 +290,7 @@ def run(args) -> Path:
         for name, factory in table.items():
             if mode == "fwd+bwd" and name in FORWARD_ONLY:
                 continue
-            try:
-                forward = factory(x)
-            except Exception as exc:  # noqa: BLE001 - a peer that is not installed or rejects the shape
-                results.append(harness.skipped("rope", name, case, f"{type(exc).__name__}: {exc}"[:200]))
-                continue
-            if mode == "fwd":
-                fn = forward
-                # the first call, before timing: Liger (last) is then still rotating the original inputs
-                error = None if name == "copy" else max_error(forward(), expected)
-            else:
-                fn, error = with_backward(forward, x), None
-            # at one token the launch and Python overhead is the whole cost: time back-to-back calls too
-            result = harness.measure("rope", name, case, fn, repeats=repeats, bytes_moved=moved, wall=tokens == 1,
-                                     device=device)
-            if error is not None and not result.skipped:
-                result.metrics["max_err"] = error
-            results.append(result)
+            results.append(measure_provider(name, factory, x, case, expected, moved, repeats, device))
         del x
         if device == "cuda":
             torch.cuda.empty_cache()
