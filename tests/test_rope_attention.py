@@ -47,6 +47,9 @@ CASES = [
     Case("yarn temperature fp32", dtype=torch.float32, max_position=20000,
          rope=("yarn", {"factor": 8.0, "original_max_position_embeddings": 512})),
     Case("head 128 fp16", head_dim=128, q_heads=2, k_heads=1, batch=1, seq=20, dtype=torch.float16),
+    Case("partial rotary bf16", rope=("default", {"partial_rotary_factor": 0.5}), max_position=3000),
+    Case("partial rotary interleaved fp32", dtype=torch.float32, interleaved=True, batch=1,
+         rope=("default", {"partial_rotary_factor": 0.25})),
 ]
 
 
@@ -87,12 +90,15 @@ def _in_dtype(case, spec, q, k, v, pos, cu):
     cos, sin = cos[:, :, None], sin[:, :, None]
 
     def rotate(x):
+        x, rest = x[..., :spec.rotary_dim], x[..., spec.rotary_dim:]
         if case.interleaved:
             x1, x2 = x[..., 0::2], x[..., 1::2]
-            return torch.stack((x1 * cos[..., ::2] - x2 * sin[..., ::2], x2 * cos[..., ::2] + x1 * sin[..., ::2]),
-                               -1).flatten(-2)
-        x1, x2 = x.chunk(2, -1)
-        return x * cos + torch.cat((-x2, x1), -1) * sin
+            y = torch.stack((x1 * cos[..., ::2] - x2 * sin[..., ::2], x2 * cos[..., ::2] + x1 * sin[..., ::2]),
+                            -1).flatten(-2)
+        else:
+            x1, x2 = x.chunk(2, -1)
+            y = x * cos + torch.cat((-x2, x1), -1) * sin
+        return torch.cat((y, rest), -1)
 
     group = case.q_heads // case.k_heads
     qr, kr = rotate(q), rotate(k).repeat_interleave(group, 2)
@@ -208,9 +214,8 @@ BAD = [
     ("v shape", lambda q, k, v: rope_attention(q, k, v[:, :, :3], None, RopeSpec.from_params(32)), "v must match k"),
     ("heads not multiple", lambda q, k, v: rope_attention(q[:, :3], k[:, :2].contiguous(), v[:, :2].contiguous(),
                                                           None, RopeSpec.from_params(32)), "multiple of k/v heads"),
-    ("partial rotary fused", lambda q, k, v: rope_attention(q, k, v, None, RopeSpec.from_params(32,
-                                                            partial_rotary_factor=0.5), backend="triton"),
-     "rotates whole heads"),
+    ("cuda on cpu", lambda q, k, v: rope_attention(q, k, v, None, RopeSpec.from_params(32), backend="cuda"),
+     "not usable"),
     ("cu_seqlens with bhsd", lambda q, k, v: rope_attention(q, k, v, None, RopeSpec.from_params(32),
                                                             cu_seqlens=torch.tensor([0, 8])), "layout='thd'"),
     ("float ids", lambda q, k, v: rope_attention(q, k, v, torch.zeros(8), RopeSpec.from_params(32)), "integer"),
@@ -221,8 +226,6 @@ BAD = [
 
 @pytest.mark.parametrize("what,call,message", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_is_named(what, call, message):
-    if "triton" in what or what == "partial rotary fused":
-        _require("triton")
     q, k, v = torch.randn(1, 4, 8, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32)
     with pytest.raises((ValueError, TypeError, RuntimeError), match=message):
         call(q, k, v)

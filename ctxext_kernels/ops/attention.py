@@ -262,7 +262,7 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_i
         k: unrotated keys, same layout with Hk heads (Hq % Hk == 0: GQA/MQA).
         v: values, k's shape.
         position_ids: int `[B, S]`, `[S]` or `[T]` (PoSE skips, packed restarts); None: 0..S-1 per sequence.
-        spec: the model's `RopeSpec` (partial rotary, rotary_dim < head_dim: "cuda" and "torch" only).
+        spec: the model's `RopeSpec` (partial rotary: dims past rotary_dim pass through unrotated).
         causal: mask by token order within each sequence (not by position id).
         softmax_scale: defaults to 1/sqrt(D).
         cu_seqlens: int `[num_seqs + 1]` boundaries of the packed sequences ("thd"); no attention across them.
@@ -286,9 +286,6 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_i
     backend = _pick(backend, q.device.type)
     head_dim = q.shape[-1]
     if backend == "triton":
-        if spec.rotary_dim != head_dim:
-            raise ValueError(f"the fused Triton kernel rotates whole heads, but spec.rotary_dim={spec.rotary_dim} < "
-                             f"head_dim={head_dim}; use backend='torch' or apply_rope + attention")
         if head_dim < 32 or head_dim & (head_dim - 1) or head_dim > 256:
             raise ValueError(f"the fused Triton kernel takes head_dim 32, 64, 128 or 256, got {head_dim}")
     if backend == "cuda":

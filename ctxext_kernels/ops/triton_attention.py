@@ -35,10 +35,13 @@ def _seq_bounds(cu_seqlens_ptr, program_batch, seqlen, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _cos_sin(pos_ptr, pos_row, rows, row_mask, inv_freq, scaling, EXACT: tl.constexpr, ROTATE: tl.constexpr):
-    """cos, sin `[BLOCK, PAIRS]` of the tokens `rows` (identity when ROTATE is off: the no-RoPE baseline)."""
+def _cos_sin(pos_ptr, pos_row, rows, row_mask, inv_freq, rotary, scaling, EXACT: tl.constexpr, ROTATE: tl.constexpr):
+    """cos, sin `[BLOCK, PAIRS]` of the tokens `rows`; identity for the pass-through pairs (`rotary` False: dims past
+    rotary_dim, unscaled) and everywhere when ROTATE is off (the no-RoPE baseline)."""
     pos = tl.load(pos_ptr + pos_row + rows, mask=row_mask, other=0)
     cos, sin = rope_cos_sin(pos[:, None], inv_freq[None, :], scaling, EXACT, False)
+    cos = tl.where(rotary[None, :], cos, 1.0)
+    sin = tl.where(rotary[None, :], sin, 0.0)
     if not ROTATE:
         cos, sin = tl.full(cos.shape, 1.0, tl.float32), tl.zeros(sin.shape, tl.float32)
     return cos, sin
@@ -67,28 +70,35 @@ def _mma(x, dtype, MMA_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _pair_columns(PAIRS: tl.constexpr, HEAD_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+def _pair_columns(PAIRS: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Columns (first, second) `[1, PAIRS]` of every pair, which pairs exist (PAIRS is D/2 rounded up to a power of
+    two), and which rotate. With partial rotary the dims past ROTARY_DIM are paired up too, half-split within the
+    tail, and pass through with the identity rotation: the split dot then still covers every column exactly once."""
     pair = tl.arange(0, PAIRS)
+    rotary = pair < ROTARY_DIM // 2
     if INTERLEAVED:
         first, second = 2 * pair, 2 * pair + 1
     else:
-        first, second = pair, pair + HEAD_DIM // 2
-    return first[None, :], second[None, :], pair < HEAD_DIM // 2
+        tail = pair - ROTARY_DIM // 2
+        first = tl.where(rotary, pair, ROTARY_DIM + tail)
+        second = tl.where(rotary, pair + ROTARY_DIM // 2, ROTARY_DIM + (HEAD_DIM - ROTARY_DIM) // 2 + tail)
+    return first[None, :], second[None, :], pair < HEAD_DIM // 2, rotary
 
 
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, pos_ptr, inv_freq_ptr, cu_seqlens_ptr, scaling, qk_scale,
                 sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, sls, spb, sps,
                 seqlen, n_q_heads, group,
-                HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, PAIRS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, VARLEN: tl.constexpr, INTERLEAVED: tl.constexpr, EXACT: tl.constexpr,
                 ROTATE: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     m_block, bh = tl.program_id(0), tl.program_id(1)
     head = bh % n_q_heads
     batch, start, length = _seq_bounds(cu_seqlens_ptr, bh // n_q_heads, seqlen, VARLEN)
     if m_block * BLOCK_M < length:
-        first, second, pair_mask = _pair_columns(PAIRS, HEAD_DIM, INTERLEAVED)
-        inv_freq = tl.load(inv_freq_ptr + tl.arange(0, PAIRS), mask=tl.arange(0, PAIRS) < HEAD_DIM // 2, other=0.0)
+        first, second, pair_mask, rotary = _pair_columns(PAIRS, HEAD_DIM, ROTARY_DIM, INTERLEAVED)
+        inv_freq = tl.load(inv_freq_ptr + tl.arange(0, PAIRS), mask=rotary, other=0.0)
         dim = tl.arange(0, HEAD_DIM)[None, :]
         batch = batch.to(tl.int64)
         kv_head = (head // group).to(tl.int64)
@@ -96,7 +106,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, pos_ptr, inv_freq_ptr, cu
         rows_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = rows_m < length
         tok_m = (start + rows_m).to(tl.int64)
-        cos, sin = _cos_sin(pos_ptr, batch * spb, (start + rows_m) * sps, mask_m, inv_freq, scaling, EXACT, ROTATE)
+        cos, sin = _cos_sin(pos_ptr, batch * spb, (start + rows_m) * sps, mask_m, inv_freq, rotary,
+                             scaling, EXACT, ROTATE)
         q_rows = q_ptr + batch * sqb + tok_m[:, None] * sqs + head * sqh
         q1, q2 = _load_rotated(q_rows, mask_m[:, None] & pair_mask, first, second, cos, sin)
         dtype = q_ptr.dtype.element_ty
@@ -110,8 +121,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, pos_ptr, inv_freq_ptr, cu
             rows_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = rows_n < length
             tok_n = (start + rows_n).to(tl.int64)
-            cos_n, sin_n = _cos_sin(pos_ptr, batch * spb, (start + rows_n) * sps, mask_n, inv_freq, scaling, EXACT,
-                                    ROTATE)
+            cos_n, sin_n = _cos_sin(pos_ptr, batch * spb, (start + rows_n) * sps, mask_n, inv_freq, rotary,
+                                     scaling, EXACT, ROTATE)
             k_rows = k_ptr + batch * skb + tok_n[:, None] * sks + kv_head * skh
             k1, k2 = _load_rotated(k_rows, mask_n[:, None] & pair_mask, first, second, cos_n, sin_n)
             k1, k2 = _mma(k1, dtype, MMA_DTYPE), _mma(k2, dtype, MMA_DTYPE)
@@ -142,7 +153,8 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta
                      sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh, sdkb, sdks, sdkh,
                      sdvb, sdvs, sdvh, slb, sls, spb, sps,
                      seqlen, n_kv_heads, group,
-                     HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, PAIRS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      CAUSAL: tl.constexpr, VARLEN: tl.constexpr, INTERLEAVED: tl.constexpr, EXACT: tl.constexpr,
                      ROTATE: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dK and dV of one K/V block of one kv head, summed over the q heads of its GQA group."""
@@ -150,8 +162,8 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta
     kv_head = (bh % n_kv_heads).to(tl.int64)
     batch, start, length = _seq_bounds(cu_seqlens_ptr, bh // n_kv_heads, seqlen, VARLEN)
     if n_block * BLOCK_N < length:
-        first, second, pair_mask = _pair_columns(PAIRS, HEAD_DIM, INTERLEAVED)
-        inv_freq = tl.load(inv_freq_ptr + tl.arange(0, PAIRS), mask=tl.arange(0, PAIRS) < HEAD_DIM // 2, other=0.0)
+        first, second, pair_mask, rotary = _pair_columns(PAIRS, HEAD_DIM, ROTARY_DIM, INTERLEAVED)
+        inv_freq = tl.load(inv_freq_ptr + tl.arange(0, PAIRS), mask=rotary, other=0.0)
         dim = tl.arange(0, HEAD_DIM)[None, :]
         batch = batch.to(tl.int64)
         dtype = k_ptr.dtype.element_ty
@@ -159,7 +171,8 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta
         rows_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = rows_n < length
         tok_n = (start + rows_n).to(tl.int64)
-        cos_n, sin_n = _cos_sin(pos_ptr, batch * spb, (start + rows_n) * sps, mask_n, inv_freq, scaling, EXACT, ROTATE)
+        cos_n, sin_n = _cos_sin(pos_ptr, batch * spb, (start + rows_n) * sps, mask_n, inv_freq, rotary,
+                                 scaling, EXACT, ROTATE)
         k_rows = k_ptr + batch * skb + tok_n[:, None] * sks + kv_head * skh
         k1, k2 = _load_rotated(k_rows, mask_n[:, None] & pair_mask, first, second, cos_n, sin_n)
         k1, k2 = _mma(k1, dtype, MMA_DTYPE), _mma(k2, dtype, MMA_DTYPE)
@@ -176,7 +189,7 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta
                 rows_m = m0 + tl.arange(0, BLOCK_M)
                 mask_m = rows_m < length
                 tok_m = (start + rows_m).to(tl.int64)
-                cos_m, sin_m = _cos_sin(pos_ptr, batch * spb, (start + rows_m) * sps, mask_m, inv_freq, scaling,
+                cos_m, sin_m = _cos_sin(pos_ptr, batch * spb, (start + rows_m) * sps, mask_m, inv_freq, rotary, scaling,
                                         EXACT, ROTATE)
                 q_rows = q_ptr + batch * sqb + tok_m[:, None] * sqs + head * sqh
                 q1, q2 = _load_rotated(q_rows, mask_m[:, None] & pair_mask, first, second, cos_m, sin_m)
@@ -209,7 +222,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, pos_
                    scaling, qk_scale, sm_scale,
                    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh, sdqb, sdqs, sdqh, slb, sls, spb, sps,
                    seqlen, n_q_heads, group,
-                   HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, PAIRS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, INTERLEAVED: tl.constexpr, EXACT: tl.constexpr,
                    ROTATE: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dQ of one Q block of one q head (a separate pass, so no atomics are needed for dK/dV)."""
@@ -217,8 +231,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, pos_
     head = bh % n_q_heads
     batch, start, length = _seq_bounds(cu_seqlens_ptr, bh // n_q_heads, seqlen, VARLEN)
     if m_block * BLOCK_M < length:
-        first, second, pair_mask = _pair_columns(PAIRS, HEAD_DIM, INTERLEAVED)
-        inv_freq = tl.load(inv_freq_ptr + tl.arange(0, PAIRS), mask=tl.arange(0, PAIRS) < HEAD_DIM // 2, other=0.0)
+        first, second, pair_mask, rotary = _pair_columns(PAIRS, HEAD_DIM, ROTARY_DIM, INTERLEAVED)
+        inv_freq = tl.load(inv_freq_ptr + tl.arange(0, PAIRS), mask=rotary, other=0.0)
         dim = tl.arange(0, HEAD_DIM)[None, :]
         batch = batch.to(tl.int64)
         kv_head = (head // group).to(tl.int64)
@@ -227,7 +241,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, pos_
         rows_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = rows_m < length
         tok_m = (start + rows_m).to(tl.int64)
-        cos_m, sin_m = _cos_sin(pos_ptr, batch * spb, (start + rows_m) * sps, mask_m, inv_freq, scaling, EXACT, ROTATE)
+        cos_m, sin_m = _cos_sin(pos_ptr, batch * spb, (start + rows_m) * sps, mask_m, inv_freq, rotary,
+                                 scaling, EXACT, ROTATE)
         q_rows = q_ptr + batch * sqb + tok_m[:, None] * sqs + head * sqh
         q1, q2 = _load_rotated(q_rows, mask_m[:, None] & pair_mask, first, second, cos_m, sin_m)
         q1, q2 = _mma(q1, dtype, MMA_DTYPE), _mma(q2, dtype, MMA_DTYPE)
@@ -243,8 +258,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, pos_
             rows_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = rows_n < length
             tok_n = (start + rows_n).to(tl.int64)
-            cos_n, sin_n = _cos_sin(pos_ptr, batch * spb, (start + rows_n) * sps, mask_n, inv_freq, scaling, EXACT,
-                                    ROTATE)
+            cos_n, sin_n = _cos_sin(pos_ptr, batch * spb, (start + rows_n) * sps, mask_n, inv_freq, rotary,
+                                     scaling, EXACT, ROTATE)
             k_rows = k_ptr + batch * skb + tok_n[:, None] * sks + kv_head * skh
             k1, k2 = _load_rotated(k_rows, mask_n[:, None] & pair_mask, first, second, cos_n, sin_n)
             k1, k2 = _mma(k1, dtype, MMA_DTYPE), _mma(k2, dtype, MMA_DTYPE)
@@ -271,7 +286,8 @@ def _common(q, inv_freq, cu_seqlens, rotate: bool, block_m: int, block_n: int):
     # Triton's CPU interpreter computes bf16 dots wrongly: there the bf16-rounded operands are held in fp32, which is
     # the same arithmetic (bf16 x bf16 products are exact in fp32, accumulation is fp32 either way).
     mma_in_fp32 = q.dtype == torch.float32 or (q.device.type == "cpu" and q.dtype == torch.bfloat16)
-    return dict(HEAD_DIM=head_dim, PAIRS=triton.next_power_of_2(head_dim // 2), BLOCK_M=block_m, BLOCK_N=block_n,
+    return dict(HEAD_DIM=head_dim, ROTARY_DIM=2 * inv_freq.numel(), PAIRS=triton.next_power_of_2(head_dim // 2),
+                BLOCK_M=block_m, BLOCK_N=block_n,
                 VARLEN=cu_seqlens is not None, ROTATE=rotate,
                 MMA_DTYPE=tl.float32 if mma_in_fp32 else _TL_DTYPES[q.dtype],
                 # fp32 operands must not silently drop to tf32 on tensor cores; fp16/bf16 take the default
@@ -295,7 +311,7 @@ def _grid_batches(q, cu_seqlens) -> tuple[int, int]:
 def attention_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling: float, softmax_scale: float,
                       causal: bool, interleaved: bool, exact: bool, rotate: bool = True) -> None:
     """Fused forward into out `[B,S,Hq,D]` (q's dtype) and lse `[B,S,Hq]` (fp32, base-2 log-sum-exp of the scaled
-    scores). q `[B,S,Hq,D]`, k/v `[B,S,Hk,D]`, positions `[B,S]`, inv_freq fp32 `[D/2]`."""
+    scores). q `[B,S,Hq,D]`, k/v `[B,S,Hk,D]`, positions `[B,S]`, inv_freq fp32 `[rotary_dim/2]`."""
     batch, seqlen, n_q_heads, head_dim = q.shape
     block_m, block_n = _blocks(q)
     n_seqs, longest = _grid_batches(q, cu_seqlens)
