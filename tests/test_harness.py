@@ -106,3 +106,23 @@ def test_bench_rope_past_its_time_budget_still_writes_a_report(tmp_path):
     bench_rope.main(["--smoke", "--time-budget", "-1", "--output", str(tmp_path)])
     data = json.loads((tmp_path / "bench_rope.json").read_text())
     assert data["results"] and all(r["skipped"].startswith("not run: --time-budget") for r in data["results"])
+
+
+def test_bench_rope_records_a_failing_peer_as_skipped(tmp_path, monkeypatch):
+    import bench_rope
+
+    def broken_peer(x):
+        def run():
+            raise RuntimeError("triton compile error\ntraceback lines")
+        return run
+
+    def missing_peer(x):
+        raise ImportError("No module named 'liger_kernel'")
+
+    only = {"copy": bench_rope._copy, "broken": broken_peer, "missing": missing_peer}
+    monkeypatch.setattr(bench_rope, "providers", lambda device, smoke: dict(only))
+    bench_rope.main(["--smoke", "--repeats", "1", "--output", str(tmp_path)])
+    rows = json.loads((tmp_path / "bench_rope.json").read_text())["results"]
+    reasons = {r["provider"]: r["skipped"] for r in rows if r["case"] == {"tokens": 256, "kv_heads": 4, "mode": "fwd"}}
+    assert reasons == {"copy": None, "broken": "RuntimeError: triton compile error",
+                       "missing": "ImportError: No module named 'liger_kernel'"}
