@@ -31,7 +31,8 @@ PYTHON="${PYTHON:-python3}"
 read -r -a BENCHMARKS <<<"${BENCHMARKS:-bench_rope bench_attention bench_model bench_pose_vs_full}"
 FAILED=()
 
-left() { echo $((TOTAL_BUDGET - ($(date +%s) - START))); }
+# seconds left of TOTAL_BUDGET, at least 1 (`timeout 0` would mean no limit at all)
+left() { local s=$((TOTAL_BUDGET - ($(date +%s) - START))); echo $((s > 1 ? s : 1)); }
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 log() { echo "=== [$(($(date +%s) - START)) s] $*"; }
 
@@ -63,7 +64,7 @@ fi
 
 if want tests; then
     # the tests get at most a third of what is left: the benchmarks need the rest
-    budget=$(( $(left) / 3 ))
+    budget=$(( $(left) / 3 + 1 ))
     log "GPU test suite (at most ${budget} s)"
     # shellcheck disable=SC2086
     timeout "$budget" "$PYTHON" -m pytest tests -x -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
