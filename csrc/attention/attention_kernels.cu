@@ -238,9 +238,9 @@ constexpr size_t forward_shared_bytes() {
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
   constexpr int ld = D + kPadHalf, ld_s = kBlockCols + kPadFloat, ld_p = kBlockCols + kPadHalf, ld_o = D + kPadFloat;
-  const Sequence s = sequence_of(p, blockIdx.y / p.q_heads);
-  const int head = blockIdx.y % p.q_heads, kv_head = head / p.group;
-  const int m0 = blockIdx.x * kBlockRows;
+  const Sequence s = sequence_of(p, blockIdx.x / p.q_heads);
+  const int head = blockIdx.x % p.q_heads, kv_head = head / p.group;
+  const int m0 = blockIdx.y * kBlockRows;
   if (m0 >= s.length) return;
   extern __shared__ __align__(128) unsigned char shared[];
   SharedArena arena{shared};
@@ -333,9 +333,9 @@ constexpr size_t dkdv_shared_bytes() {
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
   constexpr int ld = D + kPadHalf, ld_s = kBwdQRows + kPadFloat, ld_p = kBwdQRows + kPadHalf, ld_a = D + kPadFloat;
-  const Sequence s = sequence_of(p, blockIdx.y / p.k_heads);
-  const int kv_head = blockIdx.y % p.k_heads;
-  const int n0 = blockIdx.x * kBlockRows;
+  const Sequence s = sequence_of(p, blockIdx.x / p.k_heads);
+  const int kv_head = blockIdx.x % p.k_heads;
+  const int n0 = blockIdx.y * kBlockRows;
   if (n0 >= s.length) return;
   extern __shared__ __align__(128) unsigned char shared[];
   SharedArena arena{shared};
@@ -405,9 +405,9 @@ constexpr size_t dq_shared_bytes() {
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) dq_kernel(const Params p) {
   constexpr int ld = D + kPadHalf, ld_s = kBlockCols + kPadFloat, ld_p = kBlockCols + kPadHalf, ld_a = D + kPadFloat;
-  const Sequence s = sequence_of(p, blockIdx.y / p.q_heads);
-  const int head = blockIdx.y % p.q_heads, kv_head = head / p.group;
-  const int m0 = blockIdx.x * kBlockRows;
+  const Sequence s = sequence_of(p, blockIdx.x / p.q_heads);
+  const int head = blockIdx.x % p.q_heads, kv_head = head / p.group;
+  const int m0 = blockIdx.y * kBlockRows;
   if (m0 >= s.length) return;
   extern __shared__ __align__(128) unsigned char shared[];
   SharedArena arena{shared};
@@ -507,6 +507,7 @@ Params prepare(const AttentionArgs& a, bool backward) {
   if (rotary_dim > head_dim) bad("inv_freq", "rotary_dim exceeds head_dim");
   if (a.cu_seqlens.data != 0 && batch != 1) bad("cu_seqlens", "packed sequences need B == 1");
   if (a.max_seqlen < 0 || a.max_seqlen > seq) bad("max_seqlen", "must lie in [0, S]");
+  if (a.max_seqlen > 65535 * kBlockRows) bad("q", "sequences longer than 4M tokens are not supported");
 
   Params p{};
   p.q = reinterpret_cast<const void*>(a.q.data);
@@ -610,7 +611,8 @@ void rope_attention_forward_cuda(const AttentionArgs& args) {
   const int n_seqs = sequences(args);
   if (args.max_seqlen == 0 || n_seqs == 0) return;
   DeviceGuard guard(args.device);
-  const dim3 grid((args.max_seqlen + kBlockRows - 1) / kBlockRows, n_seqs * p.q_heads);
+  // (sequence, head) pairs on x (up to 2^31 - 1), row tiles on y (up to 65535 tiles of 64 rows: 4M tokens)
+  const dim3 grid(n_seqs * p.q_heads, (args.max_seqlen + kBlockRows - 1) / kBlockRows);
   const auto stream = reinterpret_cast<cudaStream_t>(args.stream);
   dispatch(args.dtype, static_cast<int>(args.q.shape[3]), [&](auto type, auto dim) {
     using T = decltype(type);
@@ -629,9 +631,9 @@ void rope_attention_backward_cuda(const AttentionArgs& args) {
   dispatch(args.dtype, static_cast<int>(args.q.shape[3]), [&](auto type, auto dim) {
     using T = decltype(type);
     constexpr int D = decltype(dim)::value;
-    launch(dkdv_kernel<T, D>, p, dim3(blocks, n_seqs * p.k_heads), dkdv_shared_bytes<D>(), args.device, stream,
+    launch(dkdv_kernel<T, D>, p, dim3(n_seqs * p.k_heads, blocks), dkdv_shared_bytes<D>(), args.device, stream,
            "dK/dV");
-    launch(dq_kernel<T, D>, p, dim3(blocks, n_seqs * p.q_heads), dq_shared_bytes<D>(), args.device, stream, "dQ");
+    launch(dq_kernel<T, D>, p, dim3(n_seqs * p.q_heads, blocks), dq_shared_bytes<D>(), args.device, stream, "dQ");
   });
 }
 

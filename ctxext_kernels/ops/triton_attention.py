@@ -93,7 +93,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, pos_ptr, inv_freq_ptr, cu
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, VARLEN: tl.constexpr, INTERLEAVED: tl.constexpr, EXACT: tl.constexpr,
                 ROTATE: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    m_block, bh = tl.program_id(0), tl.program_id(1)
+    bh, m_block = tl.program_id(0), tl.program_id(1)
     head = bh % n_q_heads
     batch, start, length = _seq_bounds(cu_seqlens_ptr, bh // n_q_heads, seqlen, VARLEN)
     if m_block * BLOCK_M < length:
@@ -158,7 +158,7 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta
                      CAUSAL: tl.constexpr, VARLEN: tl.constexpr, INTERLEAVED: tl.constexpr, EXACT: tl.constexpr,
                      ROTATE: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dK and dV of one K/V block of one kv head, summed over the q heads of its GQA group."""
-    n_block, bh = tl.program_id(0), tl.program_id(1)
+    bh, n_block = tl.program_id(0), tl.program_id(1)
     kv_head = (bh % n_kv_heads).to(tl.int64)
     batch, start, length = _seq_bounds(cu_seqlens_ptr, bh // n_kv_heads, seqlen, VARLEN)
     if n_block * BLOCK_N < length:
@@ -227,7 +227,7 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, pos_
                    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, INTERLEAVED: tl.constexpr, EXACT: tl.constexpr,
                    ROTATE: tl.constexpr, MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dQ of one Q block of one q head (a separate pass, so no atomics are needed for dK/dV)."""
-    m_block, bh = tl.program_id(0), tl.program_id(1)
+    bh, m_block = tl.program_id(0), tl.program_id(1)
     head = bh % n_q_heads
     batch, start, length = _seq_bounds(cu_seqlens_ptr, bh // n_q_heads, seqlen, VARLEN)
     if m_block * BLOCK_M < length:
@@ -315,7 +315,8 @@ def attention_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scalin
     batch, seqlen, n_q_heads, head_dim = q.shape
     block_m, block_n = _blocks(q)
     n_seqs, longest = _grid_batches(q, cu_seqlens)
-    grid = (triton.cdiv(longest, block_m), n_seqs * n_q_heads)
+    # (sequence, head) on grid axis 0 (2^31 - 1 programs), row blocks on axis 1 (65535)
+    grid = (n_seqs * n_q_heads, triton.cdiv(longest, block_m))
     _fwd_kernel[grid](q, k, v, out, lse, positions, inv_freq, cu_seqlens if cu_seqlens is not None else positions,
                       float(scaling), float(softmax_scale) * LOG2E,
                       *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
@@ -337,12 +338,12 @@ def attention_backward(grad_out, q, k, v, out, lse, dq, dk, dv, positions, inv_f
     common = _common(q, inv_freq, cu_seqlens, rotate, block_m, block_n)
     cu = cu_seqlens if cu_seqlens is not None else positions
     scalars = (float(scaling), float(softmax_scale) * LOG2E, float(softmax_scale))
-    _bwd_dkdv_kernel[(triton.cdiv(longest, block_n), n_seqs * n_kv_heads)](
+    _bwd_dkdv_kernel[(n_seqs * n_kv_heads, triton.cdiv(longest, block_n))](
         q, k, v, grad_out, dk, dv, lse, delta, positions, inv_freq, cu, *scalars,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dk.stride()[:3],
         *dv.stride()[:3], *lse.stride()[:2], *positions.stride(), seqlen, n_kv_heads, n_q_heads // n_kv_heads,
         CAUSAL=causal, INTERLEAVED=interleaved, EXACT=exact, **common)
-    _bwd_dq_kernel[(triton.cdiv(longest, block_m), n_seqs * n_q_heads)](
+    _bwd_dq_kernel[(n_seqs * n_q_heads, triton.cdiv(longest, block_m))](
         q, k, v, grad_out, dq, lse, delta, positions, inv_freq, cu, *scalars,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dq.stride()[:3],
         *lse.stride()[:2], *positions.stride(), seqlen, n_q_heads, n_q_heads // n_kv_heads,
