@@ -272,3 +272,19 @@ def test_transformers_attention_function(mode):
     got, weights = ctxext_attention_forward(module, q.float(), k.float(), v.float(), None, position_ids=pos)
     assert weights is None
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_benchmark_smoke_writes_report(tmp_path):
+    """benchmarks/bench_attention.py --smoke runs on CPU and writes JSON, markdown and PNG with measured providers."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_attention
+
+    bench_attention.main(["--smoke", "--repeats", "1", "--output", str(tmp_path)])
+    report = json.loads((tmp_path / "bench_attention.json").read_text())
+    measured = {r["provider"] for r in report["results"] if not r["skipped"] and r["metrics"].get("tflops")}
+    assert {"fused-torch-reference", "ropeop+sdpa-flash", "hf-rope+sdpa"} <= measured
+    assert (tmp_path / "bench_attention.md").exists() and (tmp_path / "bench_attention.png").exists()
