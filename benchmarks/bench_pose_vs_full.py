@@ -92,13 +92,17 @@ def step_cost(model, method: str, original_window: int, target_length: int, samp
     case = {"target_length": target_length, "original_window": original_window, "samples": samples,
             "tokens": input_ids.numel()}
     step = training_step(model, input_ids, position_ids)
-    result = harness.measure(BENCHMARK, method, case, step, repeats=repeats, memory=True)
-    if result.skipped and "OutOfMemoryError" in result.skipped:
-        result.skipped = "OOM"
-    elif not result.skipped:
-        if result.metrics.get("peak_mib") is None:
-            result.metrics.pop("peak_mib", None)
-        result.metrics["saved_activations_mib"] = saved_activation_mib(model, step)
+    try:
+        # the activation count runs one full step, which doubles as the warm-up of the timing
+        activations = saved_activation_mib(model, step)
+        metrics = harness.time_ms(step, repeats, warmup=0)
+        peak = harness.peak_memory_mib(step)
+    except torch.OutOfMemoryError:
+        model.zero_grad(set_to_none=True)
+        result = harness.skipped(BENCHMARK, method, case, "OOM")
+    else:
+        result = harness.Result(BENCHMARK, method, case, {**metrics, "saved_activations_mib": activations,
+                                                          **({"peak_mib": peak} if peak is not None else {})})
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result

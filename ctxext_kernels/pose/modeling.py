@@ -88,9 +88,26 @@ def load_model(path: str | Path, *, rope_type: str | None = None, target_length:
             raise ValueError("rope_type needs target_length")
         set_rope_parameters(config, extended_rope_parameters(config, rope_type, target_length, rope_factor,
                                                              trained_window), target_length)
+    if "gguf_file" in kwargs:
+        from transformers import GgufConfig
+
+        # training needs plain dense weights (GGUF blocks are not trainable); unpacking them also makes the model
+        # savable as an ordinary transformers folder
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
     model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, **kwargs).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    if "gguf_file" in kwargs:
+        detach_gguf_quantizer(model)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
     return model, tokenizer
+
+
+def detach_gguf_quantizer(model) -> None:
+    """Forget that a dequantized model came from a GGUF file: its weights are dense tensors, and transformers refuses
+    to save a model that still carries the GGUF quantizer."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def patch_with_kernels(model) -> str:
