@@ -31,6 +31,9 @@ from .modeling import ROPE_TYPES, load_model, patch_with_kernels
 from .sampler import CONTENT_STRATEGIES, METHODS, PoseCollator, PoseSampler
 
 CHECKPOINT_FILE = "state.pt"
+# settings that change which samples a step sees: a resumed run must keep them to continue the same run
+RESUME_MUST_MATCH = ("method", "original_window", "target_length", "num_chunks", "content", "rope_type",
+                     "rope_factor", "global_batch", "micro_batch", "seed", "max_documents")
 CHECKPOINT_PREFIX = "step-"
 
 
@@ -244,6 +247,11 @@ def train(args, model=None, tokenizer=None) -> Path:
         latest_checkpoint(checkpoints) if args.resume == "auto" else Path(args.resume)
     if resume_from is not None:
         state = load_checkpoint(resume_from)
+        changed = {k: (state["args"].get(k), getattr(args, k)) for k in RESUME_MUST_MATCH
+                   if state["args"].get(k) != getattr(args, k)}
+        if changed:
+            raise ValueError(f"checkpoint {resume_from} was written with other settings {changed} (saved, now): "
+                             "resume with the same settings, or pass --resume never / another --output")
         load_model_optimizer_state(wrapped, optimizer, state["model"], state["optimizer"], args.fsdp)
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
@@ -320,7 +328,12 @@ def train(args, model=None, tokenizer=None) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    output = train(args)
+    try:
+        output = train(args)
+    except KeyboardInterrupt:
+        last = latest_checkpoint(args.output / "checkpoints")
+        sys.exit(f"[ctxext-train] interrupted; {f'the last checkpoint is {last}' if last else 'no checkpoint yet'}: "
+                 "run the same command again to resume from it")
     if int(os.environ.get("RANK", "0")) == 0 and not args.quiet:
         print(f"[ctxext-train] model saved to {output}", file=sys.stderr)
     if torch.distributed.is_initialized():
