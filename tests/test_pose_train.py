@@ -82,3 +82,25 @@ def test_model_without_rope_is_named(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no rotary position embeddings"):
         load_model(tmp_path, rope_type="linear", target_length=4096)
+
+
+def test_ddp_under_torchrun_matches_one_process(workspace, tmp_path):
+    """Two gloo ranks (CPU) train on exactly the samples one process trains on: same parameters up to float
+    reduction order."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    model, data = workspace
+    run(model, data, tmp_path / "single", "--checkpoint-every", "0")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ctxext_kernels.pose.train",
+               "--model", str(model), "--data", str(data), "--output", str(tmp_path / "ddp"), "--original-window",
+               str(TINY_WINDOW // 2), "--target-length", str(LT), "--steps", "4", "--global-batch", "4",
+               "--micro-batch", "1", "--warmup-steps", "2", "--lr", "1e-3", "--quiet", "--no-kernels",
+               "--trained-window", str(TINY_WINDOW), "--checkpoint-every", "0"]
+    subprocess.run(command, check=True, capture_output=True, timeout=240)
+    single = AutoModelForCausalLM.from_pretrained(tmp_path / "single").state_dict()
+    ddp = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp").state_dict()
+    for name, value in single.items():
+        torch.testing.assert_close(ddp[name], value, rtol=0, atol=1e-6)

@@ -276,10 +276,10 @@ def train(args, model=None, tokenizer=None) -> Path:
         total_loss = torch.zeros((), device=runtime.device)
         tokens = 0
         for micro in range(accumulation):
-            # every rank draws the whole global micro-batch and keeps its slice: sampler and stream stay identical on
-            # all ranks, so rank 0's checkpoint resumes every rank
-            mine = stream.take(per_step)[runtime.rank * args.micro_batch:(runtime.rank + 1) * args.micro_batch]
-            batch = {k: v.to(runtime.device) for k, v in collator(mine).items()}
+            # every rank samples the whole global micro-batch and keeps its rows: sampler and stream stay identical on
+            # all ranks (rank 0's checkpoint resumes every rank), and N ranks train on what one process would
+            rows = slice(runtime.rank * args.micro_batch, (runtime.rank + 1) * args.micro_batch)
+            batch = {k: v[rows].to(runtime.device) for k, v in collator(stream.take(per_step)).items()}
             sync = micro == accumulation - 1 or not hasattr(wrapped, "no_sync")
             with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast():
                 loss = wrapped(**batch).loss / accumulation
