@@ -15,11 +15,12 @@ def tiny(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     folder = save_tiny_llama(tmp_path_factory.mktemp("pose_eval") / "model")
-    return folder, AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    # fp32: the dtype the RoPE kernels take once ctxext_kernels patches transformers
+    return folder, AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 def independent_nll(model, tokens: torch.Tensor, window: int, stride: int) -> list[float]:
-    """Per-token NLL in float64 from the definition: windows [k*stride, k*stride + window); token t >= 1 is scored by
+    """Per-token NLL (log-softmax in float64) from the definition: windows [k*stride, k*stride + window); token t >= 1 is scored by
     the first window that contains it and t - 1, with that window's tokens before t as context (with stride == window
     the first token of each window has no such window and is not scored, as in transformers' perplexity guide)."""
     losses = {}
@@ -41,10 +42,10 @@ def test_sliding_window_perplexity_matches_definition(tiny, window, stride, scor
     total, count = pose_eval.sliding_window_nll(model, tokens, window, stride)
     expected = independent_nll(model, tokens, window, stride)
     assert count == len(expected) == scored
-    assert math.isclose(total, sum(expected), rel_tol=1e-9)
+    assert math.isclose(total, sum(expected), rel_tol=1e-5)  # fp32 vs float64 log-softmax
     # every length scores the document cut to the longest length, here all 130 tokens
     ppl = pose_eval.perplexity_by_length(model, [tokens], [window, 130], stride, progress=False)[0]["perplexity"]
-    assert math.isclose(ppl, math.exp(sum(expected) / len(expected)), rel_tol=1e-9)
+    assert math.isclose(ppl, math.exp(sum(expected) / len(expected)), rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("length, depth", [(300, 0.0), (300, 0.5), (517, 0.25), (1000, 1.0)])
