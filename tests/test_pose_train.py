@@ -34,6 +34,8 @@ def test_train_resume_and_output(workspace, tmp_path):
     run(model, data, tmp_path / "resumed", "--checkpoint-every", "2", "--steps", "3")
     assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step-0000002"]
     run(model, data, tmp_path / "resumed", "--checkpoint-every", "2")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # the interrupted run's step 3 was replaced by the resumed run's
     with pytest.raises(ValueError, match="other settings"):
         run(model, data, tmp_path / "resumed", "--seed", "1")
 

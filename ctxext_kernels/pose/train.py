@@ -192,6 +192,15 @@ def load_checkpoint(path: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------ train
+def open_metrics(path: Path, resumed_step: int):
+    """The metrics file, opened for appending after dropping the records of steps a resumed run repeats (all of
+    them for a fresh run)."""
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resumed_step] \
+        if path.exists() and resumed_step else []
+    path.write_text("".join(line + "\n" for line in kept))
+    return path.open("a")
+
+
 def warmup_then_constant(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
@@ -266,7 +275,7 @@ def train(args, model=None, tokenizer=None) -> Path:
               f", {accumulation} x {per_step} samples/step, {'bf16' if use_bf16 else 'fp32'} on {runtime.device}, "
               f"{kernels}", file=sys.stderr)
 
-    metrics_file = (args.output / "metrics.jsonl").open("a") if runtime.main else None
+    metrics_file = open_metrics(args.output / "metrics.jsonl", step) if runtime.main else None
     bar = tqdm(total=args.steps, initial=step, desc=f"{args.method} Lt={args.target_length}", disable=not progress)
     wrapped.train()
     while step < args.steps:
