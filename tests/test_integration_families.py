@@ -31,7 +31,8 @@ def tiny_config(family: str, **rope):
         params.setdefault("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
         if hasattr(config, "rope_parameters"):
             config.rope_parameters = params
-        else:  # transformers 4.57
+        else:  # transformers 4.57: the partial rotary factor lives on the config itself
+            config.partial_rotary_factor = params.pop("partial_rotary_factor")
             config.rope_scaling = {key: value for key, value in params.items() if key != "rope_theta"}
     return config
 

@@ -35,10 +35,8 @@ def smollm2():
     text = pathlib.Path("/usr/share/doc/python3.11/html/_sources/tutorial/classes.rst.txt")
     source = text.read_text() if text.exists() else "The quick brown fox jumps over the lazy dog. " * 40
     input_ids = tokenizer(source, return_tensors="pt").input_ids[:, :TOKENS]
-    original_rope = dict(model.config.rope_parameters)
     yield model, input_ids
     unpatch()
-    model.config.rope_parameters = original_rope
 
 
 @pytest.fixture(autouse=True)
@@ -49,11 +47,15 @@ def stock_afterwards():
 
 
 def set_rope(model, rope: dict | None):
-    """Rebuild the model's rotary module for `rope` (None: the checkpoint's own)."""
+    """Rebuild the model's rotary module for `rope` (None: the checkpoint's own), in 5.x or 4.57 spelling."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding as Stock
-    params = {"rope_type": "default", "rope_theta": model.config.rope_parameters["rope_theta"], **(rope or {})}
-    model.config.rope_parameters = params
-    model.model.rotary_emb = Stock(model.config)
+    config = model.config
+    if hasattr(config, "rope_parameters"):
+        config.rope_parameters = {"rope_type": "default", "rope_theta": config.rope_parameters["rope_theta"],
+                                  **(rope or {})}
+    else:
+        config.rope_scaling = dict(rope) if rope else None
+    model.model.rotary_emb = Stock(config=config)
 
 
 def training_step(model, input_ids):
