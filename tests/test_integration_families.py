@@ -216,3 +216,25 @@ def test_dropin_rotary_embedding_matches_stock_class_and_dynamic_updates():
         assert ours.max_seq_len_cached == stock.max_seq_len_cached
         torch.testing.assert_close(ours_cos.tensor(), cos, atol=1e-4, rtol=0)
         torch.testing.assert_close(ours_sin.tensor(), sin, atol=1e-4, rtol=0)
+
+
+def test_unsupported_transformers_version_leaves_everything_stock(monkeypatch):
+    from transformers.models.llama import modeling_llama as ml
+    patch_module = sys.modules["ctxext_kernels.integrations.patch"]
+    # The module patch.py imports (an earlier test may have re-imported transformers under the same name).
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.40.0")
+    patch_module._warned.discard("version")
+    original = ml.apply_rotary_pos_emb
+    with pytest.warns(RuntimeWarning, match="outside the supported range"):
+        assert patch() == []
+    assert ml.apply_rotary_pos_emb is original and not is_patched()
+
+
+def test_patch_model_warns_for_an_unsupported_family():
+    class FancyRotaryEmbedding(torch.nn.Module):
+        pass
+    FancyRotaryEmbedding.__module__ = "transformers.models.fancy.modeling_fancy"
+    sys.modules["ctxext_kernels.integrations.patch"]._warned.discard("fancy")
+    with pytest.warns(RuntimeWarning, match="'fancy' is not supported"):
+        patch_model(torch.nn.Sequential(FancyRotaryEmbedding()))
+    assert not is_patched()

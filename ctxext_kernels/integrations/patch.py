@@ -61,6 +61,11 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def _warn_unsupported_family(name: str) -> None:
+    _warn_once(name, f"ctxext_kernels: model family {name!r} is not supported (supported: {', '.join(FAMILIES)}); "
+                     f"it keeps stock RoPE")
+
+
 def transformers_supported() -> bool:
     """True when the installed transformers is in the supported range (warns once otherwise)."""
     try:
@@ -121,8 +126,7 @@ def patch(models: list[str] | None = None) -> list[str]:
         for name in FAMILIES if models is None else models:
             family = FAMILIES.get(name)
             if family is None:
-                _warn_once(name, f"ctxext_kernels: model family {name!r} is not supported (supported: "
-                                 f"{', '.join(FAMILIES)}); it keeps stock RoPE")
+                _warn_unsupported_family(name)
             elif name not in _patched_families and _patch_family(family):
                 _patched_families.add(name)
         return sorted(_patched_families)
@@ -156,8 +160,7 @@ def patch_model(model: torch.nn.Module) -> torch.nn.Module:
             found.add(family)
     supported = [name for name in found if name in FAMILIES]
     for name in found - set(supported):
-        _warn_once(name, f"ctxext_kernels: model family {name!r} is not supported (supported: "
-                         f"{', '.join(FAMILIES)}); it keeps stock RoPE")
+        _warn_unsupported_family(name)
     if supported:
         patch(supported)
     return model
