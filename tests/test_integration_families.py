@@ -238,3 +238,20 @@ def test_patch_model_warns_for_an_unsupported_family():
     with pytest.warns(RuntimeWarning, match="'fancy' is not supported"):
         patch_model(torch.nn.Sequential(FancyRotaryEmbedding()))
     assert not is_patched()
+
+
+def test_tables_materialise_for_code_that_reads_cos_and_sin():
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding as Stock
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as stock_apply
+    from ctxext_kernels.integrations import LlamaRotaryEmbedding
+    config = tiny_config("llama")
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 7, 30, 31]])  # packed restart + PoSE jump
+    q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
+    cos, sin = LlamaRotaryEmbedding(config)(q, position_ids)
+    fused = cos.rotate(q, k)
+    through_tables = stock_apply(q, k, cos, sin)  # unsqueeze / * / + on the lazily built tensors
+    expected = stock_apply(q, k, *Stock(config)(q, position_ids))
+    for got, other, want in zip(fused, through_tables, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(other, want, atol=1e-5, rtol=1e-5)
+    assert cos.shape == (1, 8, 16) and cos.dtype == torch.float32
