@@ -4,10 +4,14 @@
 the flash-attention mask convention to its mask registry (`AttentionMaskInterface`: no mask at all unless a batch is
 padded), so `config._attn_implementation = "ctxext"` routes every attention call here.
 
-The attention modules must hand over *unrotated* q and k: the model patch (integrations/patch.py) turns the model's
-separate RoPE step into the identity and stores the layer's `RopeSpec` on each attention module as
-`module.ctxext_rope_spec` (see `SPEC_ATTRIBUTE`). Then the rotation happens inside the kernel, from the `position_ids`
-transformers passes down to the attention function (PoSE ids and packed restarts included).
+The attention modules must hand over *unrotated* q and k: with the model patch active (integrations/patch.py, which
+also calls `register()`), a rotary module whose config says `_attn_implementation == "ctxext"` returns deferred
+`RopeTable`s, and the patched `apply_rotary_pos_emb` leaves q and k as they are. The rotation then happens inside the
+kernel, from the `position_ids` transformers passes down to the attention function (PoSE ids and packed restarts
+included), with the `RopeSpec` of the attention module's config (cached on it as `SPEC_ATTRIBUTE`; a caller may set
+it beforehand). Dynamic NTK and LongRoPE take the frequencies of each batch's longest position, as `apply_rope`
+does; stock transformers' dynamic NTK also remembers the longest sequence seen earlier, which matters only when a
+longer batch precedes a shorter one that is still past the original window.
 
 Calls where the queries do not cover the keys (generation with a KV cache: the cache holds unrotated keys) rotate q and
 k with the exact-angle reference and run torch SDPA, taking the keys' positions as contiguous and ending at the last
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from ..ops import reference
 from ..ops.attention import rope_attention
 from ..ops.rope import rope_cos_sin
+from ..ops.spec import RopeSpec
 
 ATTN_IMPLEMENTATION = "ctxext"
 SPEC_ATTRIBUTE = "ctxext_rope_spec"
@@ -42,7 +47,7 @@ def ctxext_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     """transformers' attention-function signature over the fused kernels.
 
     Args:
-        module: the attention module; carries `ctxext_rope_spec` (set by the patch) and `is_causal`.
+        module: the attention module; has `config` (or a preset `ctxext_rope_spec`) and `is_causal`.
         query: unrotated `[B, Hq, S, D]`.
         key, value: `[B, Hk, K, D]` (key unrotated); K == S without a KV cache.
         attention_mask: None, or the 2-D `[B, K]` padding mask of the flash convention (padding is refused).
@@ -52,10 +57,7 @@ def ctxext_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     Returns:
         (output `[B, S, Hq, D]`, None): no attention weights are materialized.
     """
-    spec = getattr(module, SPEC_ATTRIBUTE, None)
-    if spec is None:
-        raise RuntimeError(f"attn_implementation={ATTN_IMPLEMENTATION!r} needs the ctxext model patch: the attention "
-                           f"module has no `{SPEC_ATTRIBUTE}` (and its RoPE step would rotate q and k twice)")
+    spec = _module_spec(module, query.device)
     if dropout:
         raise NotImplementedError(f"attn_implementation={ATTN_IMPLEMENTATION!r} has no attention dropout (got "
                                   f"{dropout}); set config.attention_dropout = 0")
@@ -81,6 +83,23 @@ def ctxext_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         return out[None], None
     out = rope_attention(query, key, value, position_ids, spec, causal=causal, softmax_scale=scaling, layout="bhsd")
     return out.transpose(1, 2), None
+
+
+def _module_spec(module: torch.nn.Module, device: torch.device) -> RopeSpec:
+    """The attention module's `RopeSpec`: preset, or built from its config once (only for a patched family)."""
+    spec = module.__dict__.get(SPEC_ATTRIBUTE)
+    if spec is not None:
+        return spec
+    from .patch import is_patched
+
+    model_type = getattr(getattr(module, "config", None), "model_type", None)
+    if not is_patched(model_type):
+        raise RuntimeError(f"attn_implementation={ATTN_IMPLEMENTATION!r} needs the ctxext model patch for model type "
+                           f"{model_type!r} (ctxext_kernels.patch(), off under CTXEXT_NO_PATCH=1): unpatched, its RoPE "
+                           "step would rotate q and k before the kernel rotates them again")
+    spec = RopeSpec.from_hf_config(module.config, device)
+    module.__dict__[SPEC_ATTRIBUTE] = spec
+    return spec
 
 
 def _packed_boundaries(positions: torch.Tensor) -> torch.Tensor | None:

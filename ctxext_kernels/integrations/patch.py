@@ -5,7 +5,8 @@ For each family, two objects of `transformers.models.<family>.modeling_<family>`
   a class attribute, so models built before the patch are covered too);
 - the module-level `apply_rotary_pos_emb` -> a wrapper that sends `RopeTable`s to `apply_rope` and anything else
   (real cos/sin tensors) to the original function.
-Every replaced object is recorded as (owner, attribute, original) so `unpatch()` puts the exact originals back.
+Patching also registers `attn_implementation="ctxext"` (attention_backend.py), under which the rotation moves into
+the fused attention kernel. Every replaced object is recorded as (owner, attribute, original) so `unpatch()` puts the exact originals back.
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import importlib.abc
+import importlib.machinery
+import sys
 import threading
 import warnings
 
 import torch
 
+from .attention_backend import register as register_attention_backend
 from .rotary import RopeTable, fused_rotary_forward
 
 SUPPORTED_TRANSFORMERS = ((4, 57), (6, 0))  # [4.57, 6.0): 4.57.x and every 5.x
@@ -129,12 +134,48 @@ def patch(models: list[str] | None = None) -> list[str]:
                 _warn_unsupported_family(name)
             elif name not in _patched_families and _patch_family(family):
                 _patched_families.add(name)
+        if _patched_families:
+            register_attention_backend()
         return sorted(_patched_families)
 
 
-def unpatch() -> None:
-    """Restore every object the patch replaced (the exact originals), newest first."""
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Patches a family right after transformers imports its modeling module, so `import ctxext_kernels` costs no
+    transformers import: families load lazily (AutoModel imports one per model type) and get patched then."""
+
+    def find_spec(self, fullname, path, target=None):
+        family = _FAMILY_BY_MODULE.get(fullname)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path) if family else None
+        if spec is None or not hasattr(spec.loader, "exec_module"):
+            return None
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            patch([family])
+        spec.loader.exec_module = exec_module  # this spec's own loader instance
+        return spec
+
+
+_FAMILY_BY_MODULE = {family.module_name: name for name, family in FAMILIES.items()}
+_import_hook = _PatchOnImport()
+
+
+def patch_on_import() -> list[str]:
+    """Patch every family whose modeling module is already imported, and each other one when it gets imported
+    (what `import ctxext_kernels` does unless CTXEXT_NO_PATCH=1). Returns the families patched now."""
     with _lock:
+        if _import_hook not in sys.meta_path:
+            sys.meta_path.insert(0, _import_hook)
+        loaded = [name for module, name in _FAMILY_BY_MODULE.items() if module in sys.modules]
+        return patch(loaded) if loaded else sorted(_patched_families)
+
+
+def unpatch() -> None:
+    """Restore every object the patch replaced (the exact originals), newest first, and stop patching on import."""
+    with _lock:
+        if _import_hook in sys.meta_path:
+            sys.meta_path.remove(_import_hook)
         while _originals:
             owner, attribute, original = _originals.pop()
             setattr(owner, attribute, original)

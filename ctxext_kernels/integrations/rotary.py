@@ -14,6 +14,7 @@ from torch import nn
 
 from ..ops.rope import apply_rope, rope_cos_sin
 from ..ops.spec import RopeSpec
+from .attention_backend import ATTN_IMPLEMENTATION
 
 # Cached on rotary modules (stock ones too, once patched): the spec built from the module's config.
 SPEC_CACHE_ATTRIBUTE = "_ctxext_spec"
@@ -27,10 +28,14 @@ class RopeTable:
         spec: the frozen spec (static frequencies: any dynamic update has already been applied).
         dtype: the dtype stock transformers would have returned (the hidden states' dtype).
         part: "cos" or "sin".
+        deferred: the model attends with `attn_implementation="ctxext"`, whose kernels rotate q and k in their
+            prologue: `rotate` then hands q and k over unrotated.
     """
 
-    def __init__(self, position_ids: torch.Tensor, spec: RopeSpec, dtype: torch.dtype, part: str):
+    def __init__(self, position_ids: torch.Tensor, spec: RopeSpec, dtype: torch.dtype, part: str,
+                 deferred: bool = False):
         self.position_ids, self.spec, self.dtype, self.part = position_ids, spec, dtype, part
+        self.deferred = deferred
         self._tensor = None
 
     def tensor(self) -> torch.Tensor:
@@ -48,6 +53,8 @@ class RopeTable:
         layout = {1: "bhsd", 2: "bshd"}.get(unsqueeze_dim)
         if layout is None:
             raise ValueError(f"unsqueeze_dim must be 1 ([B, H, S, D]) or 2 ([B, S, H, D]), got {unsqueeze_dim}")
+        if self.deferred:  # rotated inside the fused attention kernel: rotated q/k never touch memory
+            return q, k
         # Positions were validated once per model forward by the rotary module.
         return apply_rope(q, k, self.position_ids, self.spec, layout=layout, check_positions=False)
 
@@ -137,7 +144,8 @@ def fused_rotary_forward(module: nn.Module, x: torch.Tensor, position_ids: torch
     # The attention layers see static frequencies: "default" stops apply_rope from re-deriving dynamic ones.
     frozen = spec.replace(rope_type="default", inv_freq=module.inv_freq.to(x.device, torch.float32),
                           attention_scaling=float(getattr(module, "attention_scaling", spec.attention_scaling)))
-    return RopeTable(position_ids, frozen, x.dtype, "cos"), RopeTable(position_ids, frozen, x.dtype, "sin")
+    deferred = getattr(module.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
+    return tuple(RopeTable(position_ids, frozen, x.dtype, part, deferred) for part in ("cos", "sin"))
 
 
 class LlamaRotaryEmbedding(nn.Module):
