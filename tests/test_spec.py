@@ -44,7 +44,10 @@ def _config(rope_type, scaling, overrides, theta):
     partial = {"partial_rotary_factor": params.pop("partial_rotary_factor")} if "partial_rotary_factor" in params else {}
     if rope_type == "default":
         return config_class(**common, rope_theta=theta, **partial)
-    return config_class(**common, rope_theta=theta, rope_scaling=params, **partial)
+    config = config_class(**common, rope_theta=theta, rope_scaling=params, **partial)
+    if rope_type == "longrope":  # 4.x LongRoPE reads the pretraining window off the config itself (Phi-3's spelling)
+        config.original_max_position_embeddings = params["original_max_position_embeddings"]
+    return config
 
 
 def _transformers_init(config, rope_type, seq_len=None):
