@@ -12,7 +12,7 @@
 #include "ctxext/rope_math.h"
 #include "rope.h"
 
-// The fused-attention part registers itself when its header exists and CMake compiled its sources (csrc/attention/).
+// The fused-attention launchers are bound when CMake compiled their sources (csrc/attention/).
 #if CTXEXT_WITH_CUDA && CTXEXT_WITH_ATTENTION && __has_include("attention/attention.h")
 #include "attention/attention.h"
 #define CTXEXT_HAS_ATTENTION 1
@@ -63,6 +63,45 @@ py::list cuda_archs() {
 #endif
   return archs;
 }
+
+#if CTXEXT_HAS_ATTENTION
+// The fused RoPE-attention launchers (csrc/attention/): AttentionArgs filled by name, two launch functions.
+void register_attention(py::module_& m) {
+  py::class_<AttentionArgs>(m, "AttentionArgs",
+                            "Arguments of the fused RoPE-attention launchers, filled by name (see "
+                            "csrc/attention/attention.h).")
+      .def(py::init<>())
+      .def_readwrite("q", &AttentionArgs::q)
+      .def_readwrite("k", &AttentionArgs::k)
+      .def_readwrite("v", &AttentionArgs::v)
+      .def_readwrite("out", &AttentionArgs::out)
+      .def_readwrite("lse", &AttentionArgs::lse)
+      .def_readwrite("positions", &AttentionArgs::positions)
+      .def_readwrite("inv_freq", &AttentionArgs::inv_freq)
+      .def_readwrite("cu_seqlens", &AttentionArgs::cu_seqlens)
+      .def_readwrite("grad_out", &AttentionArgs::grad_out)
+      .def_readwrite("delta", &AttentionArgs::delta)
+      .def_readwrite("grad_q", &AttentionArgs::grad_q)
+      .def_readwrite("grad_k", &AttentionArgs::grad_k)
+      .def_readwrite("grad_v", &AttentionArgs::grad_v)
+      .def_readwrite("dtype", &AttentionArgs::dtype)
+      .def_readwrite("positions_int64", &AttentionArgs::positions_int64)
+      .def_readwrite("max_seqlen", &AttentionArgs::max_seqlen)
+      .def_readwrite("scaling", &AttentionArgs::scaling)
+      .def_readwrite("softmax_scale", &AttentionArgs::softmax_scale)
+      .def_readwrite("causal", &AttentionArgs::causal)
+      .def_readwrite("interleaved", &AttentionArgs::interleaved)
+      .def_readwrite("exact", &AttentionArgs::exact)
+      .def_readwrite("rotate", &AttentionArgs::rotate)
+      .def_readwrite("device", &AttentionArgs::device)
+      .def_readwrite("stream", &AttentionArgs::stream);
+  m.def("rope_attention_forward_cuda", &rope_attention_forward_cuda, py::arg("args"),
+        "Fused RoPE + attention forward into args.out and args.lse (asynchronous on args.stream).");
+  m.def("rope_attention_backward_cuda", &rope_attention_backward_cuda, py::arg("args"),
+        "Fused backward into args.grad_q, grad_k, grad_v (gradients of the unrotated q, k and of v).");
+  m.attr("has_attention") = true;
+}
+#endif
 
 void register_module(py::module_& m) {
   py::enum_<DType>(m, "DType", "Element type tag of q, k, q_out and k_out.")
@@ -116,7 +155,7 @@ void register_module(py::module_& m) {
         "rope_cos_sin of the math header for positions [P] x inv_freq [F]: (cos, sin), fp32 arrays [P, F].");
   m.attr("max_position") = kMaxPosition;
 #if CTXEXT_HAS_ATTENTION
-  register_attention(m);  // csrc/attention/ adds its own functions
+  register_attention(m);
 #endif
 }
 

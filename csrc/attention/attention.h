@@ -1,12 +1,10 @@
 // Fused RoPE + FlashAttention-2 on CUDA tensor cores: the launcher arguments as Python fills them (torch-free, like
-// RopeArgs), the two launchers, and the binding hook that csrc/bindings.cpp calls when this header exists.
+// RopeArgs) and the two launchers; csrc/bindings.cpp exposes them (pybind11 stays out of the nvcc-compiled code).
 //
 // q and k arrive unrotated. Every Q and K tile is rotated while it is staged into shared memory, with the angle of the
 // RoPE op (ctxext/rope_math.h), and rounded to the input dtype -- exactly what a separate RoPE pass would have stored.
 // The backward pass recomputes the rotation and rotates dQ and dK back by the negative angle before storing them.
 #pragma once
-
-#include <pybind11/pybind11.h>
 
 #include "rope.h"  // TensorView, DType
 
@@ -44,7 +42,5 @@ struct AttentionArgs {
 void rope_attention_forward_cuda(const AttentionArgs& args);
 void rope_attention_backward_cuda(const AttentionArgs& args);
 
-// Adds AttentionArgs and the two launchers to the extension module (called from csrc/bindings.cpp).
-void register_attention(pybind11::module_& m);
 
 }  // namespace ctxext

@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "attention/attention.h"
+#include "cuda_check.h"
 #include "ctxext/rope_math.h"
 
 namespace ctxext {
@@ -453,12 +454,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Params p) {
 }
 
 // ------------------------------------------------------------------------------------------------------ launchers
-void check_cuda(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    throw std::runtime_error(std::string("ctxext rope_attention (CUDA): ") + what + " failed: " +
-                             cudaGetErrorName(status) + " (" + cudaGetErrorString(status) + ")");
-  }
-}
+constexpr const char* kOp = "rope_attention (CUDA)";
 
 [[noreturn]] void bad(const std::string& name, const std::string& problem) {
   throw std::invalid_argument(name + ": " + problem);
@@ -561,34 +557,21 @@ Params prepare(const AttentionArgs& a, bool backward) {
   return p;
 }
 
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (device != previous_) check_cuda(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-};
-
 // Launch `kernel` with `shared` bytes of dynamic shared memory, opting in above the 48 KB default.
 void launch(void (*kernel)(Params), const Params& p, dim3 grid, size_t shared, int device, cudaStream_t stream,
             const char* what) {
   int limit = 0;
-  check_cuda(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "reading smem limit");
+  check_cuda(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), kOp,
+             "reading the shared-memory limit");
   if (shared > static_cast<size_t>(limit)) {
     throw std::invalid_argument(std::string("q: the CUDA ") + what + " kernel needs " + std::to_string(shared) +
                                 " bytes of shared memory for this head_dim, the GPU allows " + std::to_string(limit) +
                                 "; use backend='triton'");
   }
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)),
-             "cudaFuncSetAttribute");
+             kOp, "cudaFuncSetAttribute");
   kernel<<<grid, kThreads, shared, stream>>>(p);
-  check_cuda(cudaGetLastError(), what);
+  check_cuda(cudaGetLastError(), kOp, what);
 }
 
 // Call f(T{}, std::integral_constant<int, D>{}) with the compile-time element type and head dim.
