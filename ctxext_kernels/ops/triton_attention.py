@@ -27,11 +27,11 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 
 @triton.jit
 def _seq_bounds(cu_seqlens_ptr, program_batch, seqlen, VARLEN: tl.constexpr):
-    """(tensor batch index, first token, length) of the sequence a program works on."""
+    """(tensor batch index as int64, for offsets; first token; length) of the sequence a program works on."""
     if VARLEN:
         start = tl.load(cu_seqlens_ptr + program_batch)
-        return program_batch * 0, start, tl.load(cu_seqlens_ptr + program_batch + 1) - start
-    return program_batch, 0, seqlen
+        return (program_batch * 0).to(tl.int64), start, tl.load(cu_seqlens_ptr + program_batch + 1) - start
+    return program_batch.to(tl.int64), 0, seqlen
 
 
 @triton.jit
@@ -100,7 +100,6 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, pos_ptr, inv_freq_ptr, cu
         first, second, pair_mask, rotary = _pair_columns(PAIRS, HEAD_DIM, ROTARY_DIM, INTERLEAVED)
         inv_freq = tl.load(inv_freq_ptr + tl.arange(0, PAIRS), mask=rotary, other=0.0)
         dim = tl.arange(0, HEAD_DIM)[None, :]
-        batch = batch.to(tl.int64)
         kv_head = (head // group).to(tl.int64)
 
         rows_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -165,7 +164,6 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta
         first, second, pair_mask, rotary = _pair_columns(PAIRS, HEAD_DIM, ROTARY_DIM, INTERLEAVED)
         inv_freq = tl.load(inv_freq_ptr + tl.arange(0, PAIRS), mask=rotary, other=0.0)
         dim = tl.arange(0, HEAD_DIM)[None, :]
-        batch = batch.to(tl.int64)
         dtype = k_ptr.dtype.element_ty
 
         rows_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -234,7 +232,6 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, pos_
         first, second, pair_mask, rotary = _pair_columns(PAIRS, HEAD_DIM, ROTARY_DIM, INTERLEAVED)
         inv_freq = tl.load(inv_freq_ptr + tl.arange(0, PAIRS), mask=rotary, other=0.0)
         dim = tl.arange(0, HEAD_DIM)[None, :]
-        batch = batch.to(tl.int64)
         kv_head = (head // group).to(tl.int64)
         dtype = q_ptr.dtype.element_ty
 

@@ -7,11 +7,12 @@ CUDA kernels agree to the last bit on the angle.
 import triton
 import triton.language as tl
 
-# 2*pi = TWO_PI_HI + TWO_PI_MID + TWO_PI_LO (fp32 pieces), and fp32(1 / 2*pi). Hex in rope_math.h.
-TWO_PI_HI: tl.constexpr = 6.28318548202514648438
-TWO_PI_MID: tl.constexpr = -1.74845553146951715e-07
-TWO_PI_LO: tl.constexpr = -6.86049804002352749e-15
-INV_TWO_PI: tl.constexpr = 0.159154936671257019043
+# 2*pi = TWO_PI_HI + TWO_PI_MID + TWO_PI_LO (fp32 pieces), and fp32(1 / 2*pi). Hex in rope_math.h. Module-level
+# values reach compiled kernels only as `tl.constexpr(...)` instances (an annotation is not enough).
+TWO_PI_HI = tl.constexpr(6.28318548202514648438)
+TWO_PI_MID = tl.constexpr(-1.74845553146951715e-07)
+TWO_PI_LO = tl.constexpr(-6.86049804002352749e-15)
+INV_TWO_PI = tl.constexpr(0.159154936671257019043)
 
 
 @triton.jit
