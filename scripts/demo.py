@@ -30,7 +30,7 @@ import bench_pose_vs_full as bench  # noqa: E402
 from ctxext_kernels.pose import eval as pose_eval  # noqa: E402
 from ctxext_kernels.pose import train as pose_train  # noqa: E402
 from ctxext_kernels.pose.data import PYTHON_DOCS  # noqa: E402
-from ctxext_kernels.pose.modeling import load_model, patch_with_kernels  # noqa: E402
+from ctxext_kernels.pose.modeling import load_model, select_rope  # noqa: E402
 
 GPU = torch.cuda.is_available()
 # (CPU default, GPU default) per setting
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
           flush=True)
     model, tokenizer = load_model(model_path, rope_type=args.rope_type, target_length=args.target_length,
                                   rope_factor=factor, trained_window=args.original_window, device=device)
-    print(f"[demo] RoPE: {patch_with_kernels(model)}", flush=True)
+    print(f"[demo] RoPE: {select_rope(model, kernels=True)}", flush=True)
     eval_length = max(int(x) for x in args.eval_lengths.split(","))
     documents = pose_eval.load_eval_documents(args.eval_data, tokenizer, eval_length, args.ppl_documents)
     print(f"[demo] perplexity on {len(documents)} held-out documents of {args.eval_data}, first {eval_length} tokens "

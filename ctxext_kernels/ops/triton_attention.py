@@ -70,6 +70,31 @@ def _mma(x, dtype, MMA_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _rotated_rows(x_ptr, batch_offset, token_stride, head_offset, rows, start, length, pos_ptr, pos_batch_offset,
+                  pos_stride, first, second, pair_mask, inv_freq, rotary, scaling, EXACT: tl.constexpr,
+                  ROTATE: tl.constexpr, MMA_DTYPE: tl.constexpr):
+    """Rows `rows` `[BLOCK]` of one head of q or k, rotated by their positions.
+
+    Returns the rotated halves as dot operands `[BLOCK, PAIRS]`, the rows' (cos, sin) (the backward rotates its
+    gradients back with them), the row mask and the token indices (int64, for offsets)."""
+    mask = rows < length
+    tokens = (start + rows).to(tl.int64)
+    cos, sin = _cos_sin(pos_ptr, pos_batch_offset, (start + rows) * pos_stride, mask, inv_freq, rotary, scaling,
+                        EXACT, ROTATE)
+    x1, x2 = _load_rotated(x_ptr + batch_offset + tokens[:, None] * token_stride + head_offset,
+                           mask[:, None] & pair_mask, first, second, cos, sin)
+    dtype = x_ptr.dtype.element_ty
+    return _mma(x1, dtype, MMA_DTYPE), _mma(x2, dtype, MMA_DTYPE), cos, sin, mask, tokens
+
+
+@triton.jit
+def _split_dot(a1, a2, b1, b2, DOT_PRECISION: tl.constexpr):
+    """a @ b^T for tiles held as their two halves of rotation pairs: a1 b1^T + a2 b2^T."""
+    return (tl.dot(a1, tl.trans(b1), input_precision=DOT_PRECISION)
+            + tl.dot(a2, tl.trans(b2), input_precision=DOT_PRECISION))
+
+
+@triton.jit
 def _pair_columns(PAIRS: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
     """Columns (first, second) `[1, PAIRS]` of every pair, which pairs exist (PAIRS is D/2 rounded up to a power of
     two), and which rotate. With partial rotary the dims past ROTARY_DIM are paired up too, half-split within the
@@ -102,15 +127,11 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, pos_ptr, inv_freq_ptr, cu
         dim = tl.arange(0, HEAD_DIM)[None, :]
         kv_head = (head // group).to(tl.int64)
 
-        rows_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = rows_m < length
-        tok_m = (start + rows_m).to(tl.int64)
-        cos, sin = _cos_sin(pos_ptr, batch * spb, (start + rows_m) * sps, mask_m, inv_freq, rotary,
-                             scaling, EXACT, ROTATE)
-        q_rows = q_ptr + batch * sqb + tok_m[:, None] * sqs + head * sqh
-        q1, q2 = _load_rotated(q_rows, mask_m[:, None] & pair_mask, first, second, cos, sin)
         dtype = q_ptr.dtype.element_ty
-        q1, q2 = _mma(q1, dtype, MMA_DTYPE), _mma(q2, dtype, MMA_DTYPE)
+        rows_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        q1, q2, cos_m, sin_m, mask_m, tok_m = _rotated_rows(
+            q_ptr, batch * sqb, sqs, head * sqh, rows_m, start, length, pos_ptr, batch * spb, sps, first, second,
+            pair_mask, inv_freq, rotary, scaling, EXACT, ROTATE, MMA_DTYPE)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -118,15 +139,10 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, pos_ptr, inv_freq_ptr, cu
         end = tl.minimum(length, (m_block + 1) * BLOCK_M) if CAUSAL else length
         for n0 in range(0, end, BLOCK_N):
             rows_n = n0 + tl.arange(0, BLOCK_N)
-            mask_n = rows_n < length
-            tok_n = (start + rows_n).to(tl.int64)
-            cos_n, sin_n = _cos_sin(pos_ptr, batch * spb, (start + rows_n) * sps, mask_n, inv_freq, rotary,
-                                     scaling, EXACT, ROTATE)
-            k_rows = k_ptr + batch * skb + tok_n[:, None] * sks + kv_head * skh
-            k1, k2 = _load_rotated(k_rows, mask_n[:, None] & pair_mask, first, second, cos_n, sin_n)
-            k1, k2 = _mma(k1, dtype, MMA_DTYPE), _mma(k2, dtype, MMA_DTYPE)
-            scores = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
-            scores += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
+            k1, k2, cos_n, sin_n, mask_n, tok_n = _rotated_rows(
+                k_ptr, batch * skb, sks, kv_head * skh, rows_n, start, length, pos_ptr, batch * spb, sps, first,
+                second, pair_mask, inv_freq, rotary, scaling, EXACT, ROTATE, MMA_DTYPE)
+            scores = _split_dot(q1, q2, k1, k2, DOT_PRECISION)
             keep = mask_n[None, :]
             if CAUSAL:
                 keep = keep & (rows_m[:, None] >= rows_n[None, :])
@@ -167,13 +183,9 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta
         dtype = k_ptr.dtype.element_ty
 
         rows_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = rows_n < length
-        tok_n = (start + rows_n).to(tl.int64)
-        cos_n, sin_n = _cos_sin(pos_ptr, batch * spb, (start + rows_n) * sps, mask_n, inv_freq, rotary,
-                                 scaling, EXACT, ROTATE)
-        k_rows = k_ptr + batch * skb + tok_n[:, None] * sks + kv_head * skh
-        k1, k2 = _load_rotated(k_rows, mask_n[:, None] & pair_mask, first, second, cos_n, sin_n)
-        k1, k2 = _mma(k1, dtype, MMA_DTYPE), _mma(k2, dtype, MMA_DTYPE)
+        k1, k2, cos_n, sin_n, mask_n, tok_n = _rotated_rows(
+            k_ptr, batch * skb, sks, kv_head * skh, rows_n, start, length, pos_ptr, batch * spb, sps, first, second,
+            pair_mask, inv_freq, rotary, scaling, EXACT, ROTATE, MMA_DTYPE)
         v = tl.load(v_ptr + batch * svb + tok_n[:, None] * svs + kv_head * svh + dim, mask=mask_n[:, None],
                     other=0.0).to(MMA_DTYPE)
 
@@ -185,20 +197,15 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta
             head = kv_head * group + g
             for m0 in range(m_start, length, BLOCK_M):
                 rows_m = m0 + tl.arange(0, BLOCK_M)
-                mask_m = rows_m < length
-                tok_m = (start + rows_m).to(tl.int64)
-                cos_m, sin_m = _cos_sin(pos_ptr, batch * spb, (start + rows_m) * sps, mask_m, inv_freq, rotary, scaling,
-                                        EXACT, ROTATE)
-                q_rows = q_ptr + batch * sqb + tok_m[:, None] * sqs + head * sqh
-                q1, q2 = _load_rotated(q_rows, mask_m[:, None] & pair_mask, first, second, cos_m, sin_m)
-                q1, q2 = _mma(q1, dtype, MMA_DTYPE), _mma(q2, dtype, MMA_DTYPE)
+                q1, q2, cos_m, sin_m, mask_m, tok_m = _rotated_rows(
+                    q_ptr, batch * sqb, sqs, head * sqh, rows_m, start, length, pos_ptr, batch * spb, sps, first,
+                    second, pair_mask, inv_freq, rotary, scaling, EXACT, ROTATE, MMA_DTYPE)
                 lse = tl.load(lse_ptr + batch * slb + tok_m * sls + head, mask=mask_m, other=0.0)
                 delta = tl.load(delta_ptr + batch * slb + tok_m * sls + head, mask=mask_m, other=0.0)
                 do = tl.load(do_ptr + batch * sdob + tok_m[:, None] * sdos + head * sdoh + dim, mask=mask_m[:, None],
                              other=0.0).to(MMA_DTYPE)
                 # Transposed scores [BLOCK_N, BLOCK_M]: the K block is the row side here.
-                scores_t = tl.dot(k1, tl.trans(q1), input_precision=DOT_PRECISION)
-                scores_t += tl.dot(k2, tl.trans(q2), input_precision=DOT_PRECISION)
+                scores_t = _split_dot(k1, k2, q1, q2, DOT_PRECISION)
                 keep = mask_n[:, None] & mask_m[None, :]
                 if CAUSAL:
                     keep = keep & (rows_m[None, :] >= rows_n[:, None])
@@ -236,13 +243,9 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, pos_
         dtype = q_ptr.dtype.element_ty
 
         rows_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = rows_m < length
-        tok_m = (start + rows_m).to(tl.int64)
-        cos_m, sin_m = _cos_sin(pos_ptr, batch * spb, (start + rows_m) * sps, mask_m, inv_freq, rotary,
-                                 scaling, EXACT, ROTATE)
-        q_rows = q_ptr + batch * sqb + tok_m[:, None] * sqs + head * sqh
-        q1, q2 = _load_rotated(q_rows, mask_m[:, None] & pair_mask, first, second, cos_m, sin_m)
-        q1, q2 = _mma(q1, dtype, MMA_DTYPE), _mma(q2, dtype, MMA_DTYPE)
+        q1, q2, cos_m, sin_m, mask_m, tok_m = _rotated_rows(
+            q_ptr, batch * sqb, sqs, head * sqh, rows_m, start, length, pos_ptr, batch * spb, sps, first, second,
+            pair_mask, inv_freq, rotary, scaling, EXACT, ROTATE, MMA_DTYPE)
         lse = tl.load(lse_ptr + batch * slb + tok_m * sls + head, mask=mask_m, other=0.0)
         delta = tl.load(delta_ptr + batch * slb + tok_m * sls + head, mask=mask_m, other=0.0)
         do = tl.load(do_ptr + batch * sdob + tok_m[:, None] * sdos + head * sdoh + dim, mask=mask_m[:, None],
@@ -253,17 +256,12 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, pos_
         end = tl.minimum(length, (m_block + 1) * BLOCK_M) if CAUSAL else length
         for n0 in range(0, end, BLOCK_N):
             rows_n = n0 + tl.arange(0, BLOCK_N)
-            mask_n = rows_n < length
-            tok_n = (start + rows_n).to(tl.int64)
-            cos_n, sin_n = _cos_sin(pos_ptr, batch * spb, (start + rows_n) * sps, mask_n, inv_freq, rotary,
-                                     scaling, EXACT, ROTATE)
-            k_rows = k_ptr + batch * skb + tok_n[:, None] * sks + kv_head * skh
-            k1, k2 = _load_rotated(k_rows, mask_n[:, None] & pair_mask, first, second, cos_n, sin_n)
-            k1, k2 = _mma(k1, dtype, MMA_DTYPE), _mma(k2, dtype, MMA_DTYPE)
+            k1, k2, cos_n, sin_n, mask_n, tok_n = _rotated_rows(
+                k_ptr, batch * skb, sks, kv_head * skh, rows_n, start, length, pos_ptr, batch * spb, sps, first,
+                second, pair_mask, inv_freq, rotary, scaling, EXACT, ROTATE, MMA_DTYPE)
             v = tl.load(v_ptr + batch * svb + tok_n[:, None] * svs + kv_head * svh + dim, mask=mask_n[:, None],
                         other=0.0).to(MMA_DTYPE)
-            scores = tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
-            scores += tl.dot(q2, tl.trans(k2), input_precision=DOT_PRECISION)
+            scores = _split_dot(q1, q2, k1, k2, DOT_PRECISION)
             keep = mask_m[:, None] & mask_n[None, :]
             if CAUSAL:
                 keep = keep & (rows_m[:, None] >= rows_n[None, :])

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import python_docs_path, read_texts, tokenize_documents
-from .modeling import ROPE_TYPES, load_model, patch_with_kernels
+from .modeling import ROPE_TYPES, load_model, select_rope
 
 TASK_DESCRIPTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                     "I will quiz you about the important information there.")
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
                                   rope_factor=args.rope_factor, trained_window=args.trained_window, dtype=dtype,
                                   device=device)
     model.eval()
-    kernels = "stock transformers RoPE (--no-kernels)" if args.no_kernels else patch_with_kernels(model)
+    kernels = select_rope(model, kernels=not args.no_kernels)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     settings.update(device=device, dtype=str(dtype), rope=kernels)
     if args.task == "passkey":

@@ -110,13 +110,13 @@ def detach_gguf_quantizer(model) -> None:
         del model.config.quantization_config
 
 
-def patch_with_kernels(model) -> str:
-    """Route the model's RoPE through ctxext_kernels when its transformers integration is installed; say what
-    happened (the training and evaluation work with stock transformers too)."""
-    import ctxext_kernels
+def select_rope(model, kernels: bool) -> str:
+    """Run the model's RoPE through the ctxext kernels (`patch_model`) or stock transformers (`unpatch`: importing
+    ctxext_kernels patches by default); say which."""
+    from ..integrations import patch_model, unpatch
 
-    patch_model = getattr(ctxext_kernels, "patch_model", None)
-    if patch_model is None:
-        return "stock transformers RoPE (ctxext_kernels.patch_model not available)"
+    if not kernels:
+        unpatch()
+        return "stock transformers RoPE (--no-kernels)"
     patch_model(model)
     return "ctxext_kernels RoPE kernels"

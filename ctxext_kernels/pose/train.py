@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import DocumentStream, python_docs_path, read_texts, tokenize_documents
-from .modeling import ROPE_TYPES, load_model, patch_with_kernels
+from .modeling import ROPE_TYPES, load_model, select_rope
 from .sampler import CONTENT_STRATEGIES, METHODS, PoseCollator, PoseSampler
 
 CHECKPOINT_FILE = "state.pt"
@@ -234,7 +234,7 @@ def train(args, model=None, tokenizer=None) -> Path:
                                       rope_factor=args.rope_factor, trained_window=args.trained_window,
                                       device=runtime.device)
     model.to(runtime.device)
-    kernels = "stock transformers RoPE (--no-kernels)" if args.no_kernels else patch_with_kernels(model)
+    kernels = select_rope(model, kernels=not args.no_kernels)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
