@@ -98,3 +98,16 @@ def test_unpatched_model_is_refused():
     model = tiny_llama(ATTN_IMPLEMENTATION)
     with pytest.raises(RuntimeError, match="needs the ctxext model patch"):
         model(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_from_pretrained_accepts_the_implementation(tmp_path):
+    """`from_pretrained(..., attn_implementation="ctxext")` once the patch registered it; same logits as the patched
+    model with sdpa (RoPE then attention as two steps)."""
+    tiny_llama("sdpa").save_pretrained(tmp_path)
+    patch(["llama"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=ATTN_IMPLEMENTATION)
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
+    assert model.config._attn_implementation == ATTN_IMPLEMENTATION
+    input_ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, stock(input_ids).logits, atol=2e-5, rtol=2e-5)
