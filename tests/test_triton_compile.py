@@ -1,5 +1,5 @@
-"""Every Triton kernel compiles for sm_80 and sm_90 down to a cubin, within the GPU's shared memory, without a GPU
-(see triton_aot.py: the interpreter that runs the kernels elsewhere in CI is more lenient than the compiler)."""
+"""Every Triton kernel compiles for sm_80, sm_90 and sm_100 down to a cubin, within the GPU's shared memory, without
+a GPU (see triton_aot.py: the interpreter that runs the kernels elsewhere in CI is more lenient than the compiler)."""
 
 import json
 import os

@@ -22,7 +22,7 @@ import torch
 POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32",
                  torch.int64: "*i64"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
-SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in bytes per block: A100, H100
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024}  # opt-in bytes per block: A100, H100, B200
 
 ROPE_CASES = {  # name: (dtype, head_dim, rotary_dim, interleaved, conjugate, exact, with_k)
     "rope bf16 half-split": (torch.bfloat16, 128, 128, False, False, True, True),
