@@ -6,7 +6,9 @@ For each family, two objects of `transformers.models.<family>.modeling_<family>`
 - the module-level `apply_rotary_pos_emb` -> a wrapper that sends `RopeTable`s to `apply_rope` and anything else
   (real cos/sin tensors) to the original function.
 Patching also registers `attn_implementation="ctxext"` (attention_backend.py), under which the rotation moves into
-the fused attention kernel. Every replaced object is recorded as (owner, attribute, original) so `unpatch()` puts the exact originals back.
+the fused attention kernel. `patch_on_import()` (what `import ctxext_kernels` runs) patches families already loaded
+and hooks the import of the others. Every replaced object is recorded as (owner, attribute, original) so `unpatch()`
+puts the exact originals back.
 """
 
 from __future__ import annotations
