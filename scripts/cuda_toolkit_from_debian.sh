@@ -21,6 +21,10 @@
 # The NVIDIA binaries need glibc >= 2.7 only, so they run on Debian 12 (glibc 2.36); CUDA 12.4 takes gcc <= 13.
 # nvidia-cuda-dev is ~900 MB (every static CUDA library); only its headers and the runtime archives are unpacked.
 set -euo pipefail
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    exit 0
+fi
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SUITE=${DEBIAN_SUITE:-trixie}
 # The Debian archive this machine's apt is configured with (deb822 .sources or a one-line sources.list).
@@ -35,10 +39,6 @@ MIRROR=${DEBIAN_MIRROR:-$(system_mirror)}
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 PACKAGES=(nvidia-cuda-toolkit nvidia-cuda-dev libcudart12 libcu++-dev libcub-dev libthrust-dev)
 
-if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
-    exit 0
-fi
 [ -r "$KEYRING" ] || { echo "missing $KEYRING (apt-get install debian-archive-keyring)" >&2; exit 1; }
 
 WORK=$(mktemp -d)
