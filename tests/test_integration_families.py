@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 import sys  # noqa: E402
 
 import ctxext_kernels.integrations  # noqa: E402,F401
-from ctxext_kernels.integrations import FAMILIES, RopeTable, is_patched, patch, patch_model, unpatch  # noqa: E402
+from ctxext_kernels.integrations import FAMILIES, fused_rope_of, is_patched, patch, patch_model, unpatch  # noqa: E402
 
 SEQ = 24
 VOCAB = 97
@@ -71,11 +71,12 @@ def test_family_logits_and_grads_match_stock(family, monkeypatch):
     input_ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
     stock = logits_and_grads(model, input_ids)
     patch([family])
-    rotary = model.model.rotary_emb
-    assert isinstance(rotary(model.model.embed_tokens(input_ids), torch.arange(SEQ)[None])[0], RopeTable)
-    # The fused kernel must do the rotation: no cos/sin table may be materialised on the way.
+    cos, sin = model.model.rotary_emb(model.model.embed_tokens(input_ids), torch.arange(SEQ)[None])
+    assert type(cos) is torch.Tensor and fused_rope_of(cos, sin) is not None
+    # The fused kernel must do the rotation: the stock formula (rotate_half) never runs.
     with monkeypatch.context() as scope:
-        scope.setattr(RopeTable, "tensor", lambda self: pytest.fail("cos/sin table materialised"))
+        scope.setattr(sys.modules[FAMILIES[family].module_name], "rotate_half",
+                      lambda x: pytest.fail("stock rotation ran"))
         patched = logits_and_grads(model, input_ids)
     assert_close_runs(stock, patched)
     unpatch()
@@ -214,8 +215,8 @@ def test_dropin_rotary_embedding_matches_stock_class_and_dynamic_updates():
         ours_cos, ours_sin = ours(x, ids)
         torch.testing.assert_close(ours.inv_freq, stock.inv_freq)
         assert ours.max_seq_len_cached == stock.max_seq_len_cached
-        torch.testing.assert_close(ours_cos.tensor(), cos, atol=1e-4, rtol=0)
-        torch.testing.assert_close(ours_sin.tensor(), sin, atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours_cos, cos, atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours_sin, sin, atol=1e-4, rtol=0)
 
 
 def test_unsupported_transformers_version_leaves_everything_stock(monkeypatch):
@@ -240,7 +241,7 @@ def test_patch_model_warns_for_an_unsupported_family():
     assert not is_patched()
 
 
-def test_tables_materialise_for_code_that_reads_cos_and_sin():
+def test_tables_serve_code_that_rotates_by_itself():
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding as Stock
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as stock_apply
     from ctxext_kernels.integrations import LlamaRotaryEmbedding
@@ -248,8 +249,8 @@ def test_tables_materialise_for_code_that_reads_cos_and_sin():
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 7, 30, 31]])  # packed restart + PoSE jump
     q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
     cos, sin = LlamaRotaryEmbedding(config)(q, position_ids)
-    fused = cos.rotate(q, k)
-    through_tables = stock_apply(q, k, cos, sin)  # unsqueeze / * / + on the lazily built tensors
+    fused = fused_rope_of(cos, sin).rotate(q, k)
+    through_tables = stock_apply(q, k, cos, sin)  # the stock formula on the tables
     expected = stock_apply(q, k, *Stock(config)(q, position_ids))
     for got, other, want in zip(fused, through_tables, expected):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
