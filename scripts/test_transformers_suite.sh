@@ -26,7 +26,8 @@ trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/tests/generation" "$WORK/tests/exporters"
 cp "$CACHE"/tests/*.py "$WORK/tests/"
 touch "$WORK/tests/__init__.py" "$WORK/tests/generation/__init__.py" "$WORK/tests/exporters/__init__.py"
-echo 'class GenerationTesterMixin: """Not in the sdist: no generate() tests."""' > "$WORK/tests/generation/test_utils.py"
+echo 'class GenerationTesterMixin: """Not in the sdist: no generate() tests."""' \
+    >"$WORK/tests/generation/test_utils.py"
 echo 'class ExportTesterMixin: """Not in the sdist: no torch.export tests."""' > "$WORK/tests/exporters/test_export.py"
 cp scripts/transformers_suite/conftest.py "$WORK/"
 cp scripts/transformers_suite/test_ctxext_families.py "$WORK/tests/"

@@ -11,35 +11,9 @@ import sys  # noqa: E402
 
 import ctxext_kernels.integrations  # noqa: E402,F401
 from ctxext_kernels.integrations import FAMILIES, fused_rope_of, is_patched, patch, patch_model, unpatch  # noqa: E402
+from tiny_models import VOCAB, build, tiny_config  # noqa: E402
 
 SEQ = 24
-VOCAB = 97
-
-
-def tiny_config(family: str, **rope):
-    """2 layers, hidden 64, 4 q heads / 2 kv heads of 16 dims; `rope` overrides the rope parameters."""
-    config = transformers.AutoConfig.for_model(
-        family, vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, attn_implementation="eager",
-        pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if family == "phi3":  # partial rotary + LongRoPE: the interesting Phi-3 path
-        rope = rope or dict(rope_type="longrope", partial_rotary_factor=0.5, short_factor=[1.0, 1.5, 2.0, 2.5], long_factor=[3.0, 4.0, 5.0, 6.0],
-                            original_max_position_embeddings=16)
-    if rope:
-        params = dict(getattr(config, "rope_parameters", None) or {"rope_theta": 10000.0})
-        params.update(rope)
-        params.setdefault("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
-        if hasattr(config, "rope_parameters"):
-            config.rope_parameters = params
-        else:  # transformers 4.57: the partial rotary factor lives on the config itself
-            config.partial_rotary_factor = params.pop("partial_rotary_factor")
-            config.rope_scaling = {key: value for key, value in params.items() if key != "rope_theta"}
-    return config
-
-
-def build(family: str, **rope):
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(tiny_config(family, **rope)).eval()
 
 
 def logits_and_grads(model, input_ids, **kwargs):
@@ -179,16 +153,6 @@ def test_bf16_autocast_within_bf16_rounding():
         patch(["gemma2"])
         patched = model(input_ids).logits.float()
     torch.testing.assert_close(patched, stock, atol=5e-2, rtol=5e-2)
-
-
-def test_torch_compile_small_case():
-    model = build("llama")
-    input_ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(8))
-    with torch.no_grad():
-        stock = model(input_ids).logits
-        patch(["llama"])
-        compiled = torch.compile(model, backend="eager", fullgraph=False)
-        torch.testing.assert_close(compiled(input_ids).logits, stock, atol=2e-5, rtol=2e-5)
 
 
 def test_unknown_family_warns_once_and_is_left_alone():

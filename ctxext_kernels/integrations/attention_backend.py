@@ -5,8 +5,8 @@ the flash-attention mask convention to its mask registry (`AttentionMaskInterfac
 padded), so `config._attn_implementation = "ctxext"` routes every attention call here.
 
 The attention modules must hand over *unrotated* q and k: with the model patch active (integrations/patch.py, which
-also calls `register()`), a rotary module whose config says `_attn_implementation == "ctxext"` returns deferred
-`RopeTable`s, and the patched `apply_rotary_pos_emb` leaves q and k as they are. The rotation then happens inside the
+also calls `register()`), a rotary module whose config says `_attn_implementation == "ctxext"` returns (cos, sin)
+marked deferred, and the patched `apply_rotary_pos_emb` leaves q and k as they are. The rotation then happens inside the
 kernel, from the `position_ids` transformers passes down to the attention function (PoSE ids and packed restarts
 included), with the `RopeSpec` of the attention module's config (cached on it as `SPEC_ATTRIBUTE`; a caller may set
 it beforehand). Dynamic NTK and LongRoPE take the frequencies of each batch's longest position, as `apply_rope`

@@ -110,8 +110,7 @@ def _tables(position_ids: torch.Tensor, spec: RopeSpec, dtype: torch.dtype) -> t
 
 def _max_position_plus_one(position_ids: torch.Tensor) -> int:
     """Validate position ids and return max + 1 (one host sync: dynamic NTK only)."""
-    lo, hi = torch.aminmax(position_ids)
-    lo, hi = int(lo), int(hi)
+    lo, hi = torch.stack(torch.aminmax(position_ids)).tolist()
     if lo < 0:
         raise ValueError(f"position_ids must be non-negative, found {lo}")
     if hi >= 1 << 24:
