@@ -13,9 +13,10 @@ def tiny_config(family: str, **rope):
         family, vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=128, attn_implementation="eager",
         pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if family == "phi3":  # partial rotary + LongRoPE: the interesting Phi-3 path
-        rope = rope or dict(rope_type="longrope", partial_rotary_factor=0.5, short_factor=[1.0, 1.5, 2.0, 2.5],
-                            long_factor=[3.0, 4.0, 5.0, 6.0], original_max_position_embeddings=16)
+    if family == "phi3" and not rope:  # partial rotary + LongRoPE: the interesting Phi-3 path
+        rope = dict(rope_type="longrope", partial_rotary_factor=0.5, short_factor=[1.0, 1.5, 2.0, 2.5],
+                    long_factor=[3.0, 4.0, 5.0, 6.0], original_max_position_embeddings=16)
+        config.original_max_position_embeddings = 16  # Phi-3 also keeps it on the config (which then wins)
     if rope:
         params = dict(getattr(config, "rope_parameters", None) or {"rope_theta": 10000.0})
         params.update(rope)

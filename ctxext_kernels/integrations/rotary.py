@@ -140,6 +140,8 @@ def _longrope_inv_freq(module: nn.Module, spec: RopeSpec, position_ids: torch.Te
     if long_inv_freq is None or long_inv_freq.device != module.inv_freq.device:
         long_inv_freq = spec.inv_freq_for(original + 1).to(module.inv_freq.device)
         module.__dict__[LONG_INV_FREQ_ATTRIBUTE] = long_inv_freq
+    if module.original_inv_freq is module.inv_freq:  # transformers 4.57 aliases them: keep the short set apart
+        module.original_inv_freq = module.original_inv_freq.clone()
     short_inv_freq = module.original_inv_freq.to(module.inv_freq.device)
     inv_freq = torch.where(position_ids.max() >= original, long_inv_freq, short_inv_freq)
     with torch.no_grad():
