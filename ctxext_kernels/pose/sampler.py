@@ -19,6 +19,10 @@ import torch
 
 METHODS = ("pose", "full", "randpos")
 CONTENT_STRATEGIES = ("random", "zero", "same")
+# How chunk lengths are drawn: "paper" (appendix: a uniformly random composition of Lc into N positive parts, so
+# l_0 ~ U{1, ..., Lc-1} for N = 2) or "authors" (dwzhu-pku/PoSE train_pose.py, N = 2 only: l_0 ~ U{1, ..., ceil(Lc/2)},
+# which leaves on average 3/4 of the tokens, not 1/2, in the skipped second chunk).
+CHUNK_LENGTH_RULES = ("paper", "authors")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +65,11 @@ class PoseSampler:
         (the tokens that really sit at those positions: the document needs >= Lt tokens).
     seed : int
         Seed of the sampler's generator.
+    chunk_lengths : {"paper", "authors"}
+        "paper" (default, the paper's appendix): the N lengths are a uniformly random composition of Lc, so with
+        N = 2 the first chunk has l_0 ~ U{1, ..., Lc-1} tokens and half of all tokens sit in the skipped chunk.
+        "authors" (their released training code, N = 2 only): l_0 ~ U{1, ..., ceil(Lc/2)}, so three quarters of the
+        tokens sit in the skipped chunk, which trains long distances more often.
     method : {"pose", "full", "randpos"}
         "full": the full-length baseline, Lt contiguous tokens (random offset) with positions 0 ... Lt-1.
         "randpos": the paper's RandPos baseline, Lc contiguous tokens (random offset) with Lc distinct positions drawn
@@ -68,7 +77,7 @@ class PoseSampler:
     """
 
     def __init__(self, original_window: int, target_length: int, num_chunks: int = 2, content: str = "random",
-                 seed: int = 0, method: str = "pose"):
+                 seed: int = 0, method: str = "pose", chunk_lengths: str = "paper"):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if content not in CONTENT_STRATEGIES:
@@ -78,6 +87,11 @@ class PoseSampler:
         if original_window >= target_length:
             raise ValueError(f"original_window (Lc={original_window}) must be smaller than target_length "
                              f"(Lt={target_length}): PoSE extends a window, it cannot shrink or keep it")
+        if chunk_lengths not in CHUNK_LENGTH_RULES:
+            raise ValueError(f"chunk_lengths must be one of {CHUNK_LENGTH_RULES}, got {chunk_lengths!r}")
+        if chunk_lengths == "authors" and method == "pose" and num_chunks != 2:
+            raise ValueError(f"chunk_lengths='authors' is the authors' two-chunk rule; num_chunks must be 2, got "
+                             f"{num_chunks}")
         if not 1 <= num_chunks <= original_window:
             raise ValueError(f"num_chunks must be between 1 and original_window (Lc={original_window}) since every "
                              f"chunk holds at least one token, got {num_chunks}")
@@ -85,6 +99,7 @@ class PoseSampler:
         self.target_length = target_length
         self.num_chunks = num_chunks
         self.content = content
+        self.chunk_lengths = chunk_lengths
         self.method = method
         self.seed = seed
         self._rng = np.random.Generator(np.random.PCG64(seed))
@@ -120,8 +135,10 @@ class PoseSampler:
             raise ValueError(f"chunk layouts exist for method 'pose' only, this sampler is {self.method!r}")
         self._check_document(document_length)
         lc, lt = self.original_window, self.target_length
-        # N - 1 distinct cut points in 1 ... Lc-1: a uniformly random composition of Lc into N positive lengths
-        cuts = np.sort(self._rng.choice(np.arange(1, lc), size=self.num_chunks - 1, replace=False))
+        if self.chunk_lengths == "authors":  # one cut, l_0 ~ U{1, ..., ceil(Lc/2)}
+            cuts = np.array([self._uniform(1, (lc + 1) // 2)])
+        else:  # N - 1 distinct cut points in 1 ... Lc-1: a uniformly random composition of Lc into N positive lengths
+            cuts = np.sort(self._rng.choice(np.arange(1, lc), size=self.num_chunks - 1, replace=False))
         bounds = [0, *(int(c) for c in cuts), lc]
         lengths = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:]))
         starts = tuple(bounds[:-1])
