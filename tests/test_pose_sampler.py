@@ -171,3 +171,13 @@ def test_authors_rule_needs_two_chunks():
         PoseSampler(16, 64, num_chunks=3, chunk_lengths="authors")
     with pytest.raises(ValueError, match="chunk_lengths must be one of"):
         PoseSampler(16, 64, chunk_lengths="uniform")
+
+
+def test_contiguous_control_takes_poses_tokens_at_unskipped_positions():
+    """Same seed, same chunks and content as PoSE; only the skips are gone (positions 0..Lc-1)."""
+    lx = 500
+    for seed in range(50):
+        pose_ids, pose_pos = PoseSampler(16, 64, num_chunks=3, seed=seed).sample(document(lx))
+        ids, pos = PoseSampler(16, 64, num_chunks=3, seed=seed, method="contiguous").sample(document(lx))
+        assert torch.equal(ids, pose_ids) and torch.equal(pos, torch.arange(16))
+        assert int(pose_pos.max()) >= 15

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-METHODS = ("pose", "full", "randpos")
+METHODS = ("pose", "full", "randpos", "contiguous")
 CONTENT_STRATEGIES = ("random", "zero", "same")
 # How chunk lengths are drawn: "paper" (appendix: a uniformly random composition of Lc into N positive parts, so
 # l_0 ~ U{1, ..., Lc-1} for N = 2) or "authors" (dwzhu-pku/PoSE train_pose.py, N = 2 only: l_0 ~ U{1, ..., ceil(Lc/2)},
@@ -74,6 +74,9 @@ class PoseSampler:
         "full": the full-length baseline, Lt contiguous tokens (random offset) with positions 0 ... Lt-1.
         "randpos": the paper's RandPos baseline, Lc contiguous tokens (random offset) with Lc distinct positions drawn
         uniformly from [0, Lt) and sorted.
+        "contiguous": the control for PoSE's skips: exactly PoSE's tokens (the same draws, so the same seed gives the
+        same chunks) at positions 0 ... Lc-1, i.e. every skip u_i = 0. Fine-tuning with it separates "adapted to the
+        rescaled RoPE" from "learned the skipped distances".
     """
 
     def __init__(self, original_window: int, target_length: int, num_chunks: int = 2, content: str = "random",
@@ -89,7 +92,7 @@ class PoseSampler:
                              f"(Lt={target_length}): PoSE extends a window, it cannot shrink or keep it")
         if chunk_lengths not in CHUNK_LENGTH_RULES:
             raise ValueError(f"chunk_lengths must be one of {CHUNK_LENGTH_RULES}, got {chunk_lengths!r}")
-        if chunk_lengths == "authors" and method == "pose" and num_chunks != 2:
+        if chunk_lengths == "authors" and method in ("pose", "contiguous") and num_chunks != 2:
             raise ValueError(f"chunk_lengths='authors' is the authors' two-chunk rule; num_chunks must be 2, got "
                              f"{num_chunks}")
         if not 1 <= num_chunks <= original_window:
@@ -112,7 +115,7 @@ class PoseSampler:
     @property
     def min_document_length(self) -> int:
         """The fewest tokens a document needs: Lt for "full" and content "same", Lc otherwise."""
-        if self.method == "full" or (self.method == "pose" and self.content == "same"):
+        if self.method == "full" or (self.method in ("pose", "contiguous") and self.content == "same"):
             return self.target_length
         return self.original_window
 
@@ -131,8 +134,9 @@ class PoseSampler:
     def draw_layout(self, document_length: int) -> ChunkLayout:
         """Draw the chunk lengths, position skips u_i and content skips v_i of one PoSE sample for a document of
         `document_length` tokens (method "pose" only)."""
-        if self.method != "pose":
-            raise ValueError(f"chunk layouts exist for method 'pose' only, this sampler is {self.method!r}")
+        if self.method not in ("pose", "contiguous"):
+            raise ValueError(f"chunk layouts exist for methods 'pose' and 'contiguous' only, this sampler is "
+                             f"{self.method!r}")
         self._check_document(document_length)
         lc, lt = self.original_window, self.target_length
         if self.chunk_lengths == "authors":  # one cut, l_0 ~ U{1, ..., ceil(Lc/2)}
@@ -145,6 +149,8 @@ class PoseSampler:
         skips = [0]
         for _ in range(1, self.num_chunks):
             skips.append(self._uniform(skips[-1], lt - lc))
+        if self.method == "contiguous":  # drawn all the same, so the generator stays in step with PoSE's
+            skips = [0] * self.num_chunks
         if self.content == "zero":
             offsets = [0] * self.num_chunks
         elif self.content == "same":
@@ -172,7 +178,7 @@ class PoseSampler:
             raise ValueError(f"tokens must be a 1-D integer tensor, got {tuple(tokens.shape)} {tokens.dtype}")
         tokens = tokens.long()
         self._check_document(tokens.numel())
-        if self.method == "pose":
+        if self.method in ("pose", "contiguous"):
             layout = self.draw_layout(tokens.numel())
             return tokens[layout.token_indices()], layout.position_ids()
         length = self.sample_length
@@ -186,7 +192,8 @@ class PoseSampler:
     def _check_document(self, document_length: int) -> None:
         if document_length < self.min_document_length:
             why = ("full-length training" if self.method == "full" else
-                   "content='same'" if self.content == "same" and self.method == "pose" else "one sample")
+                   "content='same'" if self.content == "same" and self.method in ("pose", "contiguous") else
+                   "one sample")
             raise ValueError(f"document has {document_length} tokens but {why} needs at least "
                              f"{self.min_document_length} (Lc={self.original_window}, Lt={self.target_length})")
 
