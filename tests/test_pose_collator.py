@@ -22,7 +22,8 @@ def check_positions(batch: dict, num_chunks: int = 2) -> None:
     """The paper's constraints on one batch (section 3.2): L = Lc tokens per row, position ids strictly increasing
     from 0 and below Lt, the skip u (position id minus index) non-decreasing from u_0 = 0 up to at most Lt - Lc and
     changing at most N - 1 times; labels are the input ids (the model shifts them), the mask is all ones."""
-    assert batch["input_ids"].shape[1] == LC and all(value.shape == batch["input_ids"].shape for value in batch.values())
+    shape = batch["input_ids"].shape
+    assert shape[1] == LC and all(value.shape == shape for value in batch.values())
     assert torch.equal(batch["labels"], batch["input_ids"])
     assert torch.equal(batch["attention_mask"], torch.ones_like(batch["input_ids"]))
     for positions in batch["position_ids"]:
