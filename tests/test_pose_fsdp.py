@@ -29,7 +29,7 @@ def test_fsdp_under_torchrun_matches_one_process(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ctxext_kernels.pose.train",
                *settings(model, data, tmp_path / "fsdp", 1), "--fsdp"]
     subprocess.run(command, check=True, capture_output=True, timeout=240)
-    assert json.loads((tmp_path / "fsdp" / "pose_training.json").read_text())["fsdp"] is True
+    assert json.loads((tmp_path / "fsdp" / "pose_training.json").read_text())["settings"]["fsdp"] is True
     single = AutoModelForCausalLM.from_pretrained(tmp_path / "single").state_dict()
     fsdp = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp").state_dict()
     original = AutoModelForCausalLM.from_pretrained(model).state_dict()

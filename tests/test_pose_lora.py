@@ -3,6 +3,8 @@ and give the logits of the model trained in process; the base weights stay froze
 
 import json
 
+import re
+
 import pytest
 import torch
 
@@ -80,14 +82,20 @@ def test_lora_outputs_load_in_stock_transformers(workspace, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--fsdp"], "--lora-rank with --fsdp is not supported"),
-    (["--lora-rank", "-1"], "--lora-rank must be >= 0"),
     (["--lora-rank", "0", "--lora-output", "adapter"], "need --lora-rank"),
-    (["--lora-alpha", "0"], "--lora-alpha must be > 0"),
 ])
 def test_impossible_lora_settings_are_named(workspace, tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
         pose_train.train(arguments(*workspace, tmp_path / "out", *extra))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, message", [(["--lora-rank", "-1"], "--lora-rank: .* an integer >= 0"),
+                                            (["--lora-alpha", "0"], "--lora-alpha: .* a finite number > 0")])
+def test_out_of_range_lora_numbers_are_refused_by_the_parser(workspace, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit):
+        arguments(*workspace, tmp_path / "out", *extra)
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_adapter_output_refuses_a_gguf_model(workspace, tmp_path):
