@@ -131,11 +131,15 @@ def check_v(v, k: torch.Tensor) -> None:
 def check_inplace(q: torch.Tensor, k: torch.Tensor) -> None:
     """Refuse an in-place rotation that would write one memory location twice, or that autograd would refuse only
     after the kernel ran: overlapping q and k, q or k overlapping itself (expanded, stride 0), a leaf (or a view of
-    a leaf) that requires grad."""
+    a leaf) that requires grad. The memory checks read addresses, which tensors being traced by torch.compile do not
+    have: there they are skipped."""
     for name, x in (("q", q), ("k", k)):
         if torch.is_grad_enabled() and x.requires_grad and (x.is_leaf or x._base is not None and x._base.is_leaf):
             raise ValueError(f"inplace=True: {name} is a leaf tensor that requires grad (or a view of one), which "
                              "autograd cannot rotate in place; pass inplace=False, or rotate a copy (x * 1)")
+    if torch.compiler.is_compiling():
+        return
+    for name, x in (("q", q), ("k", k)):
         if _overlaps_itself(x):
             raise ValueError(f"inplace=True: {name} has elements sharing one memory location (an expanded or "
                              f"overlapping view, strides {x.stride()}); pass inplace=False or {name}.contiguous()")

@@ -1,9 +1,10 @@
-"""The RoPE custom ops: argument checks, layout handling, backend dispatch and autograd.
+"""The RoPE custom ops: layout handling, backend dispatch and autograd.
 
-`apply_rope` is the public entry. It validates everything first (`checks`: so nothing is launched, and nothing is
-written to the caller's tensors, on error), turns the layout into canonical `[B, S, H, D]` views without copying, and calls one of two custom ops:
-`ctxext::rope` (out of place, autograd-aware) or `ctxext::rope_` (in place). Both run the same launcher on the chosen
-backend; backward is the forward launcher with the angle negated.
+`apply_rope` is the public entry. It validates everything first (`checks`: nothing is launched, and nothing is
+written to the caller's tensors, on error), turns the layout into canonical `[B, S, H, D]` views without copying,
+and calls one of three custom ops: `ctxext::rope` (out of place, autograd-aware), `ctxext::rope_` (in place) or
+`ctxext::rope_keys` (k alone). All run the same launcher on the chosen backend; backward is the forward launcher with
+the angle negated.
 """
 
 from __future__ import annotations
