@@ -2,7 +2,8 @@
 
 q and k arrive *unrotated*; the fused kernels rotate each tile in registers from the integer positions (the exact
 angle of the RoPE op) and run FlashAttention-2. The "torch" backend is the reference: rotate with the RoPE op's
-reference, then attention in fp32 with an explicit mask. Checks and layout handling are the RoPE op's own.
+reference, then attention in fp32 with an explicit mask. Checks are `checks`' (shared with the RoPE op), and so
+is the layout handling.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import math
 
 import torch
 
-from . import cuda_ext, reference
-from .rope import _canonical, _check_qk, _check_range, _positions_2d, _triton_status
+from . import checks, cuda_ext, reference
+from .rope import _canonical, _triton_status
 from .spec import RopeSpec
 
 ATTENTION_BACKENDS = ("cuda", "triton", "torch")
@@ -276,6 +277,30 @@ _rope_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 # -------------------------------------------------------------------------------------------------------- public
+def _check_boundaries(q, k, layout, cu_seqlens, cu_seqlens_k, k_rotated) -> None:
+    """Free checks of the packed-sequence boundaries (their values: `checks.check_values`)."""
+    if layout != "thd":
+        if cu_seqlens is not None or cu_seqlens_k is not None:
+            raise ValueError("cu_seqlens/cu_seqlens_k describe packed sequences: use them with layout='thd'")
+        return
+    for name, cu in (("cu_seqlens", cu_seqlens), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu is not None:
+            checks.check_cu_seqlens(name, cu, q.device)
+    if cu_seqlens_k is None:
+        if q.shape[0] != k.shape[0]:
+            raise ValueError(f"packed q ({q.shape[0]} tokens) and k ({k.shape[0]} tokens) differ in length: pass "
+                             "both cu_seqlens and cu_seqlens_k")
+        return
+    if not k_rotated:
+        raise ValueError("cu_seqlens_k gives keys their own sequence lengths, which only already rotated keys can "
+                         "have: pass k_rotated=True")
+    if cu_seqlens is None:
+        raise ValueError("cu_seqlens_k needs cu_seqlens (the queries' boundaries)")
+    if cu_seqlens_k.numel() != cu_seqlens.numel():
+        raise ValueError(f"cu_seqlens_k must describe as many sequences as cu_seqlens, got {cu_seqlens_k.numel()} "
+                         f"and {cu_seqlens.numel()} entries")
+
+
 def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor | None,
                    spec: RopeSpec, *, causal: bool = True, softmax_scale: float | None = None, layout: str = "bhsd",
                    cu_seqlens: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
@@ -301,26 +326,22 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_i
             longer than q: `[B, Hk, Sk, D]` with Sk >= Sq, or packed with `cu_seqlens_k`.
         backend: "cuda" (hand-written, fp16/bf16, head_dim 64/128), "triton", "torch" or None (Triton on GPUs, the
             torch reference on CPU).
+        check_positions: check the values of position_ids (in [0, 2^24)), cu_seqlens and cu_seqlens_k (from 0 to
+            the token counts, non-decreasing, at least as many keys as queries per sequence): one host sync;
+            skipped under torch.compile. Pass False only for inputs known to be valid: the kernels trust the
+            boundaries, and a bad one is an out-of-bounds memory access.
     Returns:
         out in q's layout and dtype.
     """
-    _check_qk(q, k, layout, spec, keys_may_extend=k_rotated)
-    if not isinstance(v, torch.Tensor) or v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
-        raise ValueError(f"v must match k in shape, dtype and device; got {tuple(getattr(v, 'shape', ()))} vs "
-                         f"{tuple(k.shape)}")
-    if v.stride(-1) != 1:
-        raise ValueError(f"v: the head dimension must be contiguous (stride 1), got stride {v.stride(-1)}")
-    n_q_heads, n_kv_heads = _canonical(q, layout).shape[2], _canonical(k, layout).shape[2]
-    if n_q_heads % n_kv_heads:
-        raise ValueError(f"q heads ({n_q_heads}) must be a multiple of k/v heads ({n_kv_heads})")
-    if layout != "thd" and (cu_seqlens is not None or cu_seqlens_k is not None):
-        raise ValueError("cu_seqlens/cu_seqlens_k describe packed sequences: use them with layout='thd'")
-    if cu_seqlens_k is not None and not k_rotated:
-        raise ValueError("cu_seqlens_k gives keys their own sequence lengths, which only already rotated keys can "
-                         "have: pass k_rotated=True")
-    if layout == "thd" and q.shape[0] != k.shape[0] and (cu_seqlens is None or cu_seqlens_k is None):
-        raise ValueError(f"packed q ({q.shape[0]} tokens) and k ({k.shape[0]} tokens) differ in length: pass both "
-                         "cu_seqlens and cu_seqlens_k")
+    checks.check_spec(spec)
+    checks.check_flags(causal=causal, interleaved=interleaved, k_rotated=k_rotated, check_positions=check_positions)
+    checks.check_softmax_scale(softmax_scale)
+    checks.check_qk(q, k, layout, spec, keys_may_extend=k_rotated)
+    checks.check_v(v, k)
+    n_q_heads, n_kv_heads = checks.head_count(q, layout), checks.head_count(k, layout)
+    if n_q_heads < 1 or n_kv_heads < 1 or n_q_heads % n_kv_heads:
+        raise ValueError(f"q heads ({n_q_heads}) must be a positive multiple of k/v heads ({n_kv_heads})")
+    _check_boundaries(q, k, layout, cu_seqlens, cu_seqlens_k, k_rotated)
     backend = _pick(backend, q.device.type)
     head_dim = q.shape[-1]
     if backend == "triton":
@@ -331,14 +352,12 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_i
             raise TypeError(f"the fused CUDA kernel takes float16 or bfloat16, got {q.dtype}; use backend='triton'")
         if head_dim not in (64, 128):
             raise ValueError(f"the fused CUDA kernel takes head_dim 64 or 128, got {head_dim}; use backend='triton'")
-    positions = _positions_2d(position_ids, q, layout, cu_seqlens)
-    compiling = torch.compiler.is_compiling()
-    seq_len = _check_range(positions) if (check_positions or spec.is_dynamic) and not compiling else None
-    if spec.is_dynamic and seq_len is None:
-        seq_len = int(positions.max()) + 1
+    positions = checks.positions_2d(position_ids, q, layout, cu_seqlens)
+    seq_len = checks.check_values(positions, check=check_positions, want_max=spec.is_dynamic, cu_seqlens=cu_seqlens,
+                                  n_tokens=q.shape[0], cu_seqlens_k=cu_seqlens_k, n_keys=k.shape[0])
     inv_freq = spec.inv_freq_for(seq_len) if spec.is_dynamic else spec.inv_freq
     inv_freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
-    cu_seqlens, cu_seqlens_k = (None if cu is None else cu.to(device=q.device, dtype=torch.int32).contiguous()
+    cu_seqlens, cu_seqlens_k = (None if cu is None else cu.to(torch.int32).contiguous()
                                 for cu in (cu_seqlens, cu_seqlens_k))
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     out, _ = _rope_attention(q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, float(spec.attention_scaling),
