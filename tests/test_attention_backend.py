@@ -110,9 +110,10 @@ def test_from_pretrained_accepts_the_implementation(tmp_path):
         torch.testing.assert_close(model(input_ids).logits, stock(input_ids).logits, atol=2e-5, rtol=2e-5)
 
 
-def build(family: str, attn_implementation: str, **overrides):
-    """A tiny model of `family` (test_integration_families.tiny_config) with config overrides."""
-    config = tiny_config(family)
+def build(family: str, attn_implementation: str, rope: dict | None = None, **overrides):
+    """A tiny model of `family` (test_integration_families.tiny_config, `rope`: rope parameters) with config
+    overrides."""
+    config = tiny_config(family, **(rope or {}))
     for name, value in overrides.items():
         setattr(config, name, value)
     torch.manual_seed(0)
@@ -144,8 +145,7 @@ def assert_same_run(got, want):
         torch.testing.assert_close(got[1][name], want[1][name], atol=2e-5, rtol=1e-4, msg=name)
 
 
-DYNAMIC_NTK = {"max_position_embeddings": 4, "rope_parameters": dict(rope_type="dynamic", factor=2.0,
-                                                                      rope_theta=10000.0)}
+DYNAMIC_NTK = {"max_position_embeddings": 4, "rope": dict(rope_type="dynamic", factor=2.0)}
 
 
 @pytest.mark.parametrize("family,overrides,side", [

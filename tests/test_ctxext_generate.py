@@ -32,9 +32,11 @@ def patched():
     unpatch()
 
 
-def build(family: str, attn_implementation: str, **overrides):
+def build(family: str, attn_implementation: str, rope: dict | None = None, **overrides):
+    """A tiny `family` model (FAMILY_CONFIG settings, then `overrides`); `rope`: rope parameters (any version)."""
     settings = dict(FAMILY_CONFIG.get(family, {}))
-    config = tiny_config(family, **settings.pop("rope", {}))
+    config = tiny_config(family, **(rope or settings.pop("rope", {})))
+    settings.pop("rope", None)
     for name, value in {**settings, **overrides}.items():
         setattr(config, name, value)
     torch.manual_seed(0)
@@ -117,8 +119,8 @@ def test_dynamic_ntk_grows_as_stock_within_a_generation():
     """Dynamic NTK past the original window (8 positions): each step's frequencies follow the longest position, the
     cached keys keep the frequencies they were rotated with, as in stock transformers."""
     input_ids = padded_prompts()[0][1:]
-    got, want = (build("llama", name, max_position_embeddings=8, rope_parameters=dict(
-        rope_type="dynamic", factor=2.0, rope_theta=10000.0)) for name in (ATTN_IMPLEMENTATION, "sdpa"))
+    got, want = (build("llama", name, rope=dict(rope_type="dynamic", factor=2.0), max_position_embeddings=8)
+                 for name in (ATTN_IMPLEMENTATION, "sdpa"))
     assert_same_generation(generate(got, input_ids), generate(want, input_ids), atol=1e-4)
 
 
