@@ -143,7 +143,8 @@ setup(
         "numpy",
     ],
     extras_require={
-        "dev": ["pytest", "gguf", "accelerate", "matplotlib", "mpmath", "pybind11>=2.12", "ninja", "peft", "pyarrow", "datasets"],
+        "dev": ["pytest", "gguf", "accelerate", "matplotlib", "mpmath", "pybind11>=2.12", "ninja", "peft", "pyarrow",
+                "datasets", "trl"],
         "flash": ["flash-attn"],
     },
     entry_points={

@@ -35,6 +35,7 @@ CHECKPOINT_FILE = "state.pt"
 RESUME_MUST_MATCH = ("method", "original_window", "target_length", "num_chunks", "content", "rope_type",
                      "rope_factor", "global_batch", "micro_batch", "seed", "max_documents")
 CHECKPOINT_PREFIX = "step-"
+LORA_OUTPUTS = ("merged", "adapter")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="compute dtype: auto = bf16 autocast on GPU, fp32 on CPU (weights stay fp32)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="train PEFT LoRA adapters of this rank on every linear layer but the LM head, base weights "
+                        "frozen (0: train every weight)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
+    p.add_argument("--lora-output", choices=LORA_OUTPUTS, default="merged",
+                   help="merged: a plain transformers model, the adapters folded into its weights; adapter: the PEFT "
+                        "adapter and the extended config.json (load the base model with that config, then the "
+                        "adapter)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (0: none)")
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--resume", default="auto",
@@ -127,6 +136,52 @@ def wrap_model(model, runtime: Runtime, fsdp: bool):
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
+
+
+# ------------------------------------------------------------------------------------------------------------- LoRA
+def check_lora_args(args) -> None:
+    """Refuse LoRA settings that cannot work, before a model is loaded or anything written."""
+    if args.lora_rank < 0:
+        raise ValueError(f"--lora-rank must be >= 0 (0: train every weight), got {args.lora_rank}")
+    if not args.lora_rank:
+        if args.lora_alpha is not None or args.lora_output != "merged":
+            raise ValueError("--lora-alpha and --lora-output adapter need --lora-rank")
+        return
+    if args.lora_alpha is not None and args.lora_alpha <= 0:
+        raise ValueError(f"--lora-alpha must be > 0, got {args.lora_alpha}")
+    if args.fsdp:
+        raise ValueError("--lora-rank with --fsdp is not supported: merging or saving adapters of a sharded model is "
+                         "not implemented; LoRA trains under DDP (drop --fsdp)")
+    if args.lora_output == "adapter" and Path(args.model).suffix == ".gguf":
+        raise ValueError("--lora-output adapter needs a transformers model folder as --model (the adapter is loaded "
+                         "onto it); a .gguf model is dequantized for training: use --lora-output merged")
+
+
+def add_lora(model, args):
+    """The model wrapped in PEFT LoRA adapters (`--lora-rank`, no dropout) on every linear layer but the LM head, its
+    own weights frozen; the model itself without `--lora-rank`."""
+    if not args.lora_rank:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank, lora_dropout=0.0,
+                        target_modules="all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def save_model(model, args, state_dict: dict | None = None) -> None:
+    """Write the trained model (`state_dict`: its full state when sharded) to `args.output` as a transformers folder;
+    with LoRA the adapters merged into the weights, or (`--lora-output adapter`) the PEFT adapter with the extended
+    config.json: the adapter names its base model, and that base's own config would lose the RoPE scaling."""
+    model.config.use_cache = True
+    if not args.lora_rank:
+        model.save_pretrained(args.output, state_dict=state_dict)
+    elif args.lora_output == "merged":
+        model.merge_and_unload().save_pretrained(args.output)
+    else:
+        model.peft_config["default"].base_model_name_or_path = str(Path(args.model).resolve())
+        model.save_pretrained(args.output)
+        model.get_base_model().config.save_pretrained(args.output)
 
 
 # ------------------------------------------------------------------------------------------------------ checkpoints
@@ -219,6 +274,7 @@ def train(args, model=None, tokenizer=None) -> Path:
 
     `model` and `tokenizer` may be passed already loaded (with the extended RoPE set, as `load_model` does), e.g. by
     the demo, which evaluates the same model before and after; they are then trained in place."""
+    check_lora_args(args)
     runtime = Runtime()
     progress = runtime.main and not args.quiet
     per_step = args.micro_batch * runtime.world_size
@@ -238,6 +294,7 @@ def train(args, model=None, tokenizer=None) -> Path:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    model = add_lora(model, args)
     documents = load_documents(args, tokenizer, sampler.min_document_length, progress)
     stream = DocumentStream(documents, args.seed)
     collator = PoseCollator(sampler)
@@ -326,8 +383,7 @@ def train(args, model=None, tokenizer=None) -> Path:
 
     model_state, _ = model_optimizer_state(wrapped, optimizer, args.fsdp) if args.fsdp else (None, None)
     if runtime.main:
-        model.config.use_cache = True
-        model.save_pretrained(args.output, state_dict=model_state)
+        save_model(model, args, model_state)
         tokenizer.save_pretrained(args.output)
         (args.output / "pose_training.json").write_text(json.dumps(
             {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, indent=1))
