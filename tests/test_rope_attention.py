@@ -249,44 +249,6 @@ def test_cuda_backend_reports_why_not():
     assert not usable and reason
 
 
-@pytest.mark.parametrize("mode", ["batched", "packed ids", "kv cache"])
-def test_transformers_attention_function(mode):
-    """`ctxext_attention_forward` on unrotated q/k == transformers' own sdpa attention on q/k rotated with
-    transformers' rotary embedding and apply_rotary_pos_emb."""
-    from transformers import LlamaConfig
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
-
-    from ctxext_kernels.integrations.attention_backend import SPEC_ATTRIBUTE, ctxext_attention_forward, register
-
-    register()
-    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
-                         max_position_embeddings=256)
-    module = torch.nn.Module()
-    module.is_causal, module.num_key_value_groups = True, 2
-    setattr(module, SPEC_ATTRIBUTE, RopeSpec.from_hf_config(config))
-    g = torch.Generator().manual_seed(0)
-    batch, seq = (1, 12) if mode == "packed ids" else (2, 10)
-    q, k, v = (torch.randn(batch, h, seq, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
-    pos = {"batched": torch.arange(3, 3 + seq).expand(batch, seq), "packed ids": torch.tensor([[0, 1, 2, 7, 9, 0, 1,
-           5, 6, 0, 1, 2]]), "kv cache": torch.arange(seq).expand(batch, seq)}[mode]
-    cos, sin = LlamaRotaryEmbedding(config)(v, pos)
-    q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin)
-    if mode == "kv cache":  # the last 3 tokens are new queries against all 10 cached (unrotated) keys
-        q, q_rot, pos = q[:, :, -3:], q_rot[:, :, -3:], pos[:, -3:]
-        mask = torch.ones(3, seq, dtype=torch.bool).tril(seq - 3)
-        want = sdpa_attention_forward(module, q_rot, k_rot, v, mask[None, None], is_causal=False)[0]
-    elif mode == "packed ids":
-        seg = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
-        mask = (seg[:, None] == seg[None, :]) & torch.ones(seq, seq, dtype=torch.bool).tril()
-        want = sdpa_attention_forward(module, q_rot, k_rot, v, mask[None, None], is_causal=False)[0]
-    else:
-        want = sdpa_attention_forward(module, q_rot, k_rot, v, None, is_causal=True)[0]
-    got, weights = ctxext_attention_forward(module, q.float(), k.float(), v.float(), None, position_ids=pos)
-    assert weights is None
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-
-
 def test_benchmark_smoke_writes_report(tmp_path):
     """benchmarks/bench_attention.py --smoke runs on CPU and writes JSON, markdown and PNG with measured providers."""
     import json

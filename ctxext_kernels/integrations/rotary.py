@@ -28,8 +28,8 @@ class RopeTable:
         spec: the frozen spec (static frequencies: any dynamic update has already been applied).
         dtype: the dtype stock transformers would have returned (the hidden states' dtype).
         part: "cos" or "sin".
-        deferred: the model attends with `attn_implementation="ctxext"`, whose kernels rotate q and k in their
-            prologue: `rotate` then hands q and k over unrotated.
+        deferred: the model attends with `attn_implementation="ctxext"`, whose kernel rotates the queries in its
+            prologue: `rotate` then rotates the keys alone (spec: the config's, as the attention kernel's).
     """
 
     def __init__(self, position_ids: torch.Tensor, spec: RopeSpec, dtype: torch.dtype, part: str,
@@ -53,8 +53,8 @@ class RopeTable:
         layout = {1: "bhsd", 2: "bshd"}.get(unsqueeze_dim)
         if layout is None:
             raise ValueError(f"unsqueeze_dim must be 1 ([B, H, S, D]) or 2 ([B, S, H, D]), got {unsqueeze_dim}")
-        if self.deferred:  # rotated inside the fused attention kernel: rotated q/k never touch memory
-            return q, k
+        if self.deferred:  # keys turn once, here (a KV cache keeps them rotated); queries inside the attention kernel
+            return q, apply_rope(None, k, self.position_ids, self.spec, layout=layout, check_positions=False)[1]
         # Positions were validated once per model forward by the rotary module.
         return apply_rope(q, k, self.position_ids, self.spec, layout=layout, check_positions=False)
 
@@ -145,7 +145,10 @@ def fused_rotary_forward(module: nn.Module, x: torch.Tensor, position_ids: torch
     frozen = spec.replace(rope_type="default", inv_freq=module.inv_freq.to(x.device, torch.float32),
                           attention_scaling=float(getattr(module, "attention_scaling", spec.attention_scaling)))
     deferred = getattr(module.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
-    return tuple(RopeTable(position_ids, frozen, x.dtype, part, deferred) for part in ("cos", "sin"))
+    # Deferred: the attention kernel turns the queries by the spec of the model config (attention_backend.py), so the
+    # keys must turn by that very spec, not by this module's possibly down-cast or remembered frequencies.
+    table_spec = spec if deferred else frozen
+    return tuple(RopeTable(position_ids, table_spec, x.dtype, part, deferred) for part in ("cos", "sin"))
 
 
 class LlamaRotaryEmbedding(nn.Module):
