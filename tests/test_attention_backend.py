@@ -10,9 +10,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from test_integration_families import tiny_config  # noqa: E402
+from tiny_models import tiny_config  # noqa: E402
 
-from ctxext_kernels.integrations import RopeTable, patch, unpatch  # noqa: E402
+from ctxext_kernels.integrations import patch, unpatch  # noqa: E402
 from ctxext_kernels.integrations.attention_backend import ATTN_IMPLEMENTATION  # noqa: E402
 from ctxext_kernels.ops.spec import RopeSpec  # noqa: E402
 
@@ -71,8 +71,8 @@ def test_matches_stock_sdpa(case, rope, monkeypatch):
         stock = run(stock_model, input_ids, position_ids)
     patch(["llama"])
     model = tiny_llama(ATTN_IMPLEMENTATION, **rope)
-    with monkeypatch.context() as scope:  # the rotation happens in the kernel: no cos/sin table, no separate RoPE
-        scope.setattr(RopeTable, "tensor", lambda self: pytest.fail("cos/sin table materialised"))
+    with monkeypatch.context() as scope:  # keys by the RoPE op, queries in the attention kernel: never stock RoPE
+        scope.setattr(transformers.models.llama.modeling_llama, "rotate_half", lambda x: pytest.fail("stock RoPE"))
         got = run(model, input_ids, position_ids)
     torch.testing.assert_close(got[0], stock[0], atol=2e-5, rtol=2e-5)
     for name in stock[1]:

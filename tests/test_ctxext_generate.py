@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from test_integration_families import VOCAB, tiny_config  # noqa: E402
+from tiny_models import VOCAB, tiny_config  # noqa: E402
 
 from ctxext_kernels.integrations import patch, unpatch  # noqa: E402
 from ctxext_kernels.integrations import attention_backend, rotary  # noqa: E402

@@ -103,7 +103,8 @@ def test_chunks_attend_to_each_other(extended_model):
 def train_and_watch(model, make_trainer):
     """Train 3 steps with the rotary patch on; return the batches the collator made, the position ids the rotary
     module received, and the logged losses."""
-    from ctxext_kernels.integrations import RopeTable, patch_model, unpatch
+    from ctxext_kernels.integrations import patch_model, unpatch
+    from ctxext_kernels.integrations.rotary import FUSED_ATTRIBUTE
 
     made, received = [], []
     collator = PoseDataCollator(PoseSampler(LC, LT, seed=0))
@@ -114,8 +115,8 @@ def train_and_watch(model, make_trainer):
         return batch
 
     def on_rotary(module, args, kwargs, output):
-        assert isinstance(output[0], RopeTable)  # the patched module: the kernels get the ids themselves
-        received.append(output[0].position_ids.clone())
+        fused = getattr(output[0], FUSED_ATTRIBUTE)  # the patched module: the kernels get the ids themselves
+        received.append(fused.position_ids.clone())
 
     from datasets import Dataset
 

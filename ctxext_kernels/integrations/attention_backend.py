@@ -6,7 +6,7 @@ the kernel.
 routes every attention call of a patched family here.
 
 Who rotates what: with the model patch active (integrations/patch.py, which also calls `register()`), a rotary module
-whose config says `_attn_implementation == "ctxext"` returns deferred `RopeTable`s, and the patched
+whose config says `_attn_implementation == "ctxext"` returns (cos, sin) marked deferred, and the patched
 `apply_rotary_pos_emb` rotates the keys alone, once, with the RoPE op (`apply_rope(None, k, ...)`) and hands the
 queries over unrotated. A KV cache therefore stores rotated keys (as stock transformers' and FlashInfer's do), and a
 decode step rotates only its own new keys and queries: `rope_attention(..., k_rotated=True)` turns the queries in the

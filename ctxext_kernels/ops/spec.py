@@ -13,6 +13,7 @@ import math
 import numbers
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
@@ -85,14 +86,16 @@ class RopeSpec:
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"unknown rope type {rope_type!r}; ctxext_kernels supports {', '.join(ROPE_TYPES)}")
         _check_params(rope_type, params, head_dim)
-        inv_freq, scaling = _INIT[rope_type](params, head_dim, max_pos, None, device)
+        # Computed on the CPU (as transformers' rotary modules do at init) and checked there, then moved: building a
+        # spec never waits on a GPU.
+        inv_freq, scaling = _INIT[rope_type](params, head_dim, max_pos, None, None)
         # An odd int(head_dim * partial_rotary_factor) has (dim + 1) / 2 frequencies: transformers rotates dim + 1.
         rotary_dim = 2 * inv_freq.numel()
         if rotary_dim > head_dim:
             raise ValueError(f"head_dim={head_dim} is odd and fully rotated: RoPE rotates pairs of dims")
-        if not (bool(torch.isfinite(inv_freq).all()) and math.isfinite(scaling)):  # construction time, not hot path
+        if not (np.isfinite(inv_freq.numpy()).all() and math.isfinite(scaling)):
             raise ValueError(f"the rope parameters {params} give non-finite frequencies or attention scaling")
-        return cls(rope_type, head_dim, rotary_dim, inv_freq, float(scaling), params, max_pos, angle)
+        return cls(rope_type, head_dim, rotary_dim, inv_freq.to(device), float(scaling), params, max_pos, angle)
 
     @classmethod
     def from_params(cls, head_dim: int, rope_theta: float = 10000.0, rope_type: str = "default", *,
