@@ -1,8 +1,8 @@
 """PoSE vs full-length fine-tuning: memory and time per training step as the target length grows (paper, Figure 3).
 
 Cost: one training step (forward + backward, bf16 autocast on GPU, fp32 on CPU; the optimizer step is the same for both
-methods and left out) of the same model on the same number of samples: PoSE always runs Lc tokens per sample, full-length
-runs Lt. On GPU the model is SmolLM2-135M's shape with random weights (`harness.SMOLLM2_135M`; the real GGUF is 94 MB
+methods and left out) of the same model on the same number of samples: PoSE always runs Lc tokens per sample,
+full-length runs Lt. On GPU the model is SmolLM2-135M's shape with random weights (`harness.SMOLLM2_135M`; the real GGUF is 94 MB
 and cannot travel to a lent GPU machine, and cost does not depend on the weights), gradient checkpointing on, Lc = 2048,
 Lt = 4k-128k (`--quick`: 4k-32k), longest first; full-length rows that run out of memory read "OOM" (and longer ones
 are not tried). On GPU the memory is the peak allocated; on CPU (no allocator statistics) the bytes of activations saved

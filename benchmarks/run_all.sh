@@ -22,9 +22,9 @@
 #   --output DIR      results folder (default benchmarks/results/<device-slug>/)
 #
 # It prints first the device and the versions, then one line per step, then a table of what each step took. Results:
-# every benchmark's JSON + markdown (rewritten after every row) and PNG, env.json, pytest_gpu.log, logs/, and
-# run_all_stage<N>.md. With $OUT set (the device tool's folder), $OUT/stage<N>.log is the whole output and
-# $OUT/results-stage<N>.tar.gz the results folder, re-packed after every step: a command killed at its limit still
+# every benchmark's JSON + markdown (rewritten after every row) and PNG, env.json, logs/ (one per step, pytest_gpu.log
+# among them) and run_all_stage<N>.md. With $OUT set (the device tool's folder), $OUT/stage<N>.log is the whole output
+# and $OUT/results-stage<N>.tar.gz the results folder, re-packed after every step: a command killed at its limit still
 # brings back every step that finished.
 #
 # Environment: PYTHON (default python3), CTXEXT_CUDA_ARCHS (default 90), GPU_TEST_WORKERS (pytest-xdist workers for the
@@ -32,7 +32,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
 STAGE=all SMOKE=0 BUDGET="" RESULTS=""
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -60,13 +60,17 @@ else
     unset TRITON_INTERPRET  # the GPU runs the compiled Triton kernels
     # a step gets at least FLOOR seconds; a benchmark stops starting rows MARGIN seconds before its share ends (the row
     # in flight, a first Triton compile, the PNG)
-    FLOOR=30 MARGIN=25 BENCH_FLAGS=(--quick)
+    FLOOR=45 MARGIN=25 BENCH_FLAGS=(--quick)
 fi
 BUILD_MAX=180
+# the plan: each step's weight in its stage's time (benchmarks/README.md, "On a lent GPU", has the expected times)
+W_TESTS=130 W_ROPE_QUICK=55 W_ATTENTION_QUICK=85                   # stage 1, after the build
+W_MODEL=60 W_POSE=60 W_ATTENTION=60 W_ROPE=50                       # stage 2, after the build (if any)
 
 # ------------------------------------------------------------------------------------------------ results and logs
 if [ -z "$RESULTS" ]; then
-    slug="$("$PYTHON" -c 'import sys; sys.path.insert(0, "benchmarks"); import harness; print(harness.device_info()["slug"])')"
+    slug="$("$PYTHON" -c 'import sys; sys.path.insert(0, "benchmarks"); import harness
+print(harness.device_info()["slug"])')"
     RESULTS="benchmarks/results/${slug:-unknown-device}"
 fi
 mkdir -p "$RESULTS/logs"
@@ -225,7 +229,7 @@ open(sys.argv[1], 'w').write(json.dumps(r, indent=1) + '\n'); print(env.format_t
 
 gpu_tests() {  # gpu_tests STAGE_END: pytest -m gpu, every GPU test of the tree (tests/conftest.py), no CPU-only ones
     local budget args=(-m gpu --maxfail=25 -p no:cacheprovider -rfEs --durations=15)
-    budget=$(at_least_floor "$(share "$1" 130 140)")
+    budget=$(at_least_floor "$(share "$1" "$W_TESTS" $((W_ROPE_QUICK + W_ATTENTION_QUICK)))")
     if [ "$SMOKE" = 0 ]; then
         args+=(-v)  # one line per test as it finishes: a killed run still shows what passed
         "$PYTHON" -c "import xdist" 2>/dev/null && args+=(-n "${GPU_TEST_WORKERS:-12}")
@@ -234,8 +238,7 @@ gpu_tests() {  # gpu_tests STAGE_END: pytest -m gpu, every GPU test of the tree 
     # on the GPU a GPU test that skips fails (CTXEXT_REQUIRE_GPU=1): there a skip means a backend did not build
     run_step "$CURRENT" pytest_gpu "$budget" env CTXEXT_REQUIRE_GPU=$((1 - SMOKE)) "$PYTHON" -m pytest tests \
         "${args[@]}"
-    cp "$RESULTS/logs/pytest_gpu.log" "$RESULTS/pytest_gpu.log"
-    grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped|deselected)" "$RESULTS/pytest_gpu.log" | tail -30
+    grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped|deselected)" "$RESULTS/logs/pytest_gpu.log" | tail -30
 }
 
 stage_summary() {  # stage_summary STAGE STAGE_START BUDGET: run_all_stage<N>.md and the console table
@@ -261,8 +264,8 @@ stage1() {  # stage1 BUDGET
     install_wheels
     build
     gpu_tests "$end"
-    bench "$end" 55 85 bench_rope "${BENCH_FLAGS[@]}"
-    bench "$end" 85 0 bench_attention "${BENCH_FLAGS[@]}"
+    bench "$end" "$W_ROPE_QUICK" "$W_ATTENTION_QUICK" bench_rope "${BENCH_FLAGS[@]}"
+    bench "$end" "$W_ATTENTION_QUICK" 0 bench_attention "${BENCH_FLAGS[@]}"
     stage_summary 1 "$start" "$1"
 }
 
@@ -271,13 +274,13 @@ stage2() {  # stage2 BUDGET
     start=$(now) end=$(($(now) + $1)) CURRENT=2
     install_wheels
     build
-    bench "$end" 60 170 bench_model "${BENCH_FLAGS[@]}"
-    bench "$end" 60 110 bench_pose_vs_full "${BENCH_FLAGS[@]}"
+    bench "$end" "$W_MODEL" $((W_POSE + W_ATTENTION + W_ROPE)) bench_model "${BENCH_FLAGS[@]}"
+    bench "$end" "$W_POSE" $((W_ATTENTION + W_ROPE)) bench_pose_vs_full "${BENCH_FLAGS[@]}"
     if [ "$SMOKE" = 1 ]; then
         log "full sweeps: skipped in --smoke (the smoke shapes have no quick/full difference: stage 1 ran them)"
     else
-        bench "$end" 60 50 bench_attention
-        bench "$end" 50 0 bench_rope
+        bench "$end" "$W_ATTENTION" "$W_ROPE" bench_attention
+        bench "$end" "$W_ROPE" 0 bench_rope
     fi
     stage_summary 2 "$start" "$1"
 }
