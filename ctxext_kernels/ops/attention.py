@@ -57,47 +57,60 @@ def _pick(backend: str | None, device_type: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- torch reference
-def _segments(q_canonical: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """Sequence index of every token `[S]` (all zeros without cu_seqlens)."""
-    seqlen = q_canonical.shape[1]
-    tokens = torch.arange(seqlen, device=q_canonical.device)
+def _token_segments(n_tokens: int, cu_seqlens: torch.Tensor | None, device
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sequence index, index within its sequence, length of its sequence) of every token, each `[n_tokens]`; one
+    sequence of n_tokens without cu_seqlens."""
+    tokens = torch.arange(n_tokens, device=device)
     if cu_seqlens is None:
-        return torch.zeros_like(tokens)
-    return torch.searchsorted(cu_seqlens.to(tokens.device, torch.int64), tokens, right=True) - 1
+        return torch.zeros_like(tokens), tokens, torch.full_like(tokens, n_tokens)
+    cu = cu_seqlens.to(device, torch.int64)
+    segment = torch.searchsorted(cu, tokens, right=True) - 1
+    return segment, tokens - cu[segment], (cu[1:] - cu[:-1])[segment]
 
 
-def _reference_parts(q, k, v, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal, interleaved, exact):
-    """fp32 pieces of the reference: rotated q `[B,S,Hq,D]`, rotated k and v repeated to Hq heads, the probabilities
-    `[B,Hq,S,S]`, the base-e log-sum-exp `[B,Hq,S]` and cos/sin `[B,S,1,D/2]`."""
+def _keep_mask(n_q: int, n_k: int, cu_seqlens, cu_seqlens_k, causal: bool, device) -> torch.Tensor:
+    """`[n_q, n_k]` True where a query may attend a key: same sequence and, when causal, key index <= query index +
+    (keys - queries) of that sequence (bottom-right alignment: the last query sees every key of its sequence)."""
+    q_seg, q_idx, q_len = _token_segments(n_q, cu_seqlens, device)
+    k_seg, k_idx, k_len = _token_segments(n_k, cu_seqlens if cu_seqlens_k is None else cu_seqlens_k, device)
+    keep = q_seg[:, None] == k_seg[None, :]
+    if causal:
+        keep = keep & (k_idx[None, :] <= q_idx[:, None] + k_len[None, :] - q_len[:, None])
+    return keep
+
+
+def _reference_parts(q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal,
+                     interleaved, exact, k_rotated):
+    """fp32 pieces of the reference: rotated q `[B,Sq,Hq,D]`, rotated k and v repeated to Hq heads, the
+    probabilities `[B,Hq,Sq,Sk]`, the base-e log-sum-exp `[B,Hq,Sq]` and cos/sin `[B,Sq,1,D/2]` of the queries
+    (k_rotated: k already carries its rotation; else Sk == Sq and k turns by the queries' angles)."""
     cos, sin = reference.rope_angles_cos_sin(positions, inv_freq, scaling, exact=exact)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     group = q.shape[2] // k.shape[2]
     q_rot = reference.rotate(q, cos, sin, interleaved).float()
-    k_rot = reference.rotate(k, cos, sin, interleaved).float().repeat_interleave(group, dim=2)
+    k_rot = (k if k_rotated else reference.rotate(k, cos, sin, interleaved)).float().repeat_interleave(group, dim=2)
     v_rep = v.float().repeat_interleave(group, dim=2)
     scores = torch.einsum("bmhd,bnhd->bhmn", q_rot, k_rot) * softmax_scale
-    segment = _segments(q, cu_seqlens)
-    keep = segment[:, None] == segment[None, :]
-    if causal:
-        keep = keep & torch.ones_like(keep).tril()
+    keep = _keep_mask(q.shape[1], k.shape[1], cu_seqlens, cu_seqlens_k, causal, q.device)
     scores = scores.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     return q_rot, k_rot, v_rep, torch.softmax(scores, dim=-1), lse, cos, sin
 
 
-def _reference_attention(q, k, v, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal, interleaved, exact):
-    """Canonical `[B,S,H,D]` inputs -> (out in q's dtype, lse base 2 `[B,S,Hq]`)."""
-    *_, v_rep, probs, lse, _, _ = _reference_parts(q, k, v, positions, inv_freq, cu_seqlens, scaling, softmax_scale,
-                                                   causal, interleaved, exact)
+def _reference_attention(q, k, v, positions, inv_freq, *flags):
+    """Canonical `[B,S,H,D]` inputs -> (out in q's dtype, lse base 2 `[B,Sq,Hq]`); flags as `_reference_parts`."""
+    *_, v_rep, probs, lse, _, _ = _reference_parts(q, k, v, positions, inv_freq, *flags)
     out = torch.einsum("bhmn,bnhd->bmhd", probs, v_rep)
     return out.to(q.dtype), (lse * _LOG2E).transpose(1, 2)
 
 
-def _reference_attention_backward(grad_out, q, k, v, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
-                                  interleaved, exact):
+def _reference_attention_backward(grad_out, q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling,
+                                  softmax_scale, causal, interleaved, exact, k_rotated):
     """The attention backward written out (custom-op bodies run without autograd): canonical dq, dk, dv."""
-    q_rot, k_rot, v_rep, probs, _, cos, sin = _reference_parts(q, k, v, positions, inv_freq, cu_seqlens, scaling,
-                                                               softmax_scale, causal, interleaved, exact)
+    q_rot, k_rot, v_rep, probs, _, cos, sin = _reference_parts(q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k,
+                                                               scaling, softmax_scale, causal, interleaved, exact,
+                                                               k_rotated)
     grad_out = grad_out.float()
     out = torch.einsum("bhmn,bnhd->bmhd", probs, v_rep)
     grad_probs = torch.einsum("bmhd,bnhd->bhmn", grad_out, v_rep)
@@ -112,8 +125,9 @@ def _reference_attention_backward(grad_out, q, k, v, positions, inv_freq, cu_seq
     grad_k_rot = per_kv_head(torch.einsum("bhmn,bmhd->bnhd", grad_scores, q_rot))
     grad_v = per_kv_head(torch.einsum("bhmn,bmhd->bnhd", probs, grad_out))
     # the rotation's transpose is the rotation by the negative angle
-    return (reference.rotate(grad_q_rot, cos, -sin, interleaved).to(q.dtype),
-            reference.rotate(grad_k_rot, cos, -sin, interleaved).to(k.dtype), grad_v.to(v.dtype))
+    grad_k = grad_k_rot if k_rotated else reference.rotate(grad_k_rot, cos, -sin, interleaved)
+    return (reference.rotate(grad_q_rot, cos, -sin, interleaved).to(q.dtype), grad_k.to(k.dtype),
+            grad_v.to(v.dtype))
 
 
 # ------------------------------------------------------------------------------------------ fused launchers
@@ -186,17 +200,18 @@ def _lse_shape(q: torch.Tensor, layout: str) -> tuple[int, int, int]:
 
 @torch.library.custom_op("ctxext::rope_attention", mutates_args=())
 def _rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                    inv_freq: torch.Tensor, cu_seqlens: torch.Tensor | None, scaling: float, softmax_scale: float,
-                    causal: bool, layout: str, interleaved: bool, exact: bool, backend: str
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out in q's layout, lse fp32 `[B, S, Hq]` base 2); q, k unrotated."""
+                    inv_freq: torch.Tensor, cu_seqlens: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+                    scaling: float, softmax_scale: float, causal: bool, layout: str, interleaved: bool, exact: bool,
+                    k_rotated: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out in q's layout, lse fp32 `[B, Sq, Hq]` base 2); q unrotated, k unrotated unless k_rotated."""
     qc, kc, vc = (_canonical(x, layout) for x in (q, k, v))
     if backend == "torch":
-        out_c, lse = _reference_attention(qc, kc, vc, positions, inv_freq, cu_seqlens, scaling, softmax_scale,
-                                          causal, interleaved, exact)
+        out_c, lse = _reference_attention(qc, kc, vc, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling,
+                                          softmax_scale, causal, interleaved, exact, k_rotated)
         out = torch.empty_like(q)
         _canonical(out, layout).copy_(out_c)
         return out, lse.contiguous()
+    _fused_supports(k_rotated, cu_seqlens_k, backend)
     out, lse = torch.empty_like(q), q.new_empty(_lse_shape(q, layout), dtype=torch.float32)
     fused_forward(backend, qc, kc, vc, _canonical(out, layout), lse, positions, inv_freq, cu_seqlens, scaling,
                   softmax_scale, causal, interleaved, exact)
@@ -204,24 +219,33 @@ def _rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
 
 
 @_rope_attention.register_fake
-def _(q, k, v, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal, layout, interleaved, exact, backend):
+def _(q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal, layout, interleaved,
+      exact, k_rotated, backend):
     return torch.empty_like(q), q.new_empty(_lse_shape(q, layout), dtype=torch.float32)
+
+
+def _fused_supports(k_rotated: bool, cu_seqlens_k: torch.Tensor | None, backend: str) -> None:
+    if k_rotated or cu_seqlens_k is not None:
+        raise NotImplementedError(f"the fused {backend} kernels rotate q and k together: k_rotated=True (keys longer "
+                                  "than queries, cu_seqlens_k) runs on backend='torch' only for now")
 
 
 @torch.library.custom_op("ctxext::rope_attention_backward", mutates_args=())
 def _rope_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              out: torch.Tensor, lse: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
-                             cu_seqlens: torch.Tensor | None, scaling: float, softmax_scale: float, causal: bool,
-                             layout: str, interleaved: bool, exact: bool, backend: str
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of the unrotated q and k and of v."""
+                             cu_seqlens: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, scaling: float,
+                             softmax_scale: float, causal: bool, layout: str, interleaved: bool, exact: bool,
+                             k_rotated: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the unrotated q, of k (unrotated unless k_rotated) and of v."""
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if backend == "torch":
         grads = _reference_attention_backward(*(_canonical(x, layout) for x in (grad_out, q, k, v)), positions,
-                                              inv_freq, cu_seqlens, scaling, softmax_scale, causal, interleaved, exact)
+                                              inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal,
+                                              interleaved, exact, k_rotated)
         for dst, grad in zip((dq, dk, dv), grads):
             _canonical(dst, layout).copy_(grad)
         return dq, dk, dv
+    _fused_supports(k_rotated, cu_seqlens_k, backend)
     fused_backward(backend, *(_canonical(x, layout) for x in (grad_out, q, k, v, out)), lse,
                    *(_canonical(x, layout) for x in (dq, dk, dv)), positions, inv_freq, cu_seqlens, scaling,
                    softmax_scale, causal, interleaved, exact)
@@ -229,22 +253,23 @@ def _rope_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
 
 
 @_rope_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal, layout,
-      interleaved, exact, backend):
+def _(grad_out, q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal,
+      layout, interleaved, exact, k_rotated, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, positions, inv_freq, cu_seqlens, *flags = inputs
+    q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, *flags = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, positions, inv_freq, cu_seqlens)
-    ctx.flags = flags  # scaling, softmax_scale, causal, layout, interleaved, exact, backend
+    ctx.save_for_backward(q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k)
+    ctx.flags = flags  # scaling, softmax_scale, causal, layout, interleaved, exact, k_rotated, backend
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, positions, inv_freq, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _rope_attention_backward(grad_out, q, k, v, out, lse, positions, inv_freq, cu_seqlens, *ctx.flags)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k = ctx.saved_tensors
+    dq, dk, dv = _rope_attention_backward(grad_out, q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k,
+                                          *ctx.flags)
+    return dq, dk, dv, *(None,) * 12
 
 
 _rope_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -253,26 +278,33 @@ _rope_attention.register_autograd(_backward, setup_context=_setup_context)
 # -------------------------------------------------------------------------------------------------------- public
 def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor | None,
                    spec: RopeSpec, *, causal: bool = True, softmax_scale: float | None = None, layout: str = "bhsd",
-                   cu_seqlens: torch.Tensor | None = None, interleaved: bool = False, backend: str | None = None,
+                   cu_seqlens: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+                   interleaved: bool = False, k_rotated: bool = False, backend: str | None = None,
                    check_positions: bool = True) -> torch.Tensor:
     """Attention over q and k rotated by their positions inside the kernel (rotated q/k never reach memory).
 
     Args:
-        q: unrotated queries `[B, Hq, S, D]` ("bhsd"), `[B, S, Hq, D]` ("bshd") or `[T, Hq, D]` ("thd").
-        k: unrotated keys, same layout with Hk heads (Hq % Hk == 0: GQA/MQA).
+        q: unrotated queries `[B, Hq, Sq, D]` ("bhsd"), `[B, Sq, Hq, D]` ("bshd") or `[Tq, Hq, D]` ("thd").
+        k: keys, same layout with Hk heads (Hq % Hk == 0: GQA/MQA); unrotated, at the queries' positions (Sk == Sq),
+            unless `k_rotated`.
         v: values, k's shape.
-        position_ids: int `[B, S]`, `[S]` or `[T]` (PoSE skips, packed restarts); None: 0..S-1 per sequence.
+        position_ids: int `[B, Sq]`, `[Sq]` or `[Tq]`: the queries' positions (PoSE skips, packed restarts); None:
+            0..Sq-1 per sequence.
         spec: the model's `RopeSpec` (partial rotary: dims past rotary_dim pass through unrotated).
-        causal: mask by token order within each sequence (not by position id).
+        causal: mask by token order within each sequence (not by position id); with more keys than queries the
+            queries are the sequence's last tokens (query i sees keys j <= i + Sk - Sq).
         softmax_scale: defaults to 1/sqrt(D).
-        cu_seqlens: int `[num_seqs + 1]` boundaries of the packed sequences ("thd"); no attention across them.
+        cu_seqlens: int `[num_seqs + 1]` boundaries of the packed query sequences ("thd"); no attention across them.
+        cu_seqlens_k: the packed key sequences' boundaries when they differ from the queries' (k_rotated only).
         interleaved: GPT-J pairs.
+        k_rotated: k already carries its rotation (`apply_rope`'s output, a cache of rotated keys), so it may be
+            longer than q: `[B, Hk, Sk, D]` with Sk >= Sq, or packed with `cu_seqlens_k`.
         backend: "cuda" (hand-written, fp16/bf16, head_dim 64/128), "triton", "torch" or None (Triton on GPUs, the
             torch reference on CPU).
     Returns:
         out in q's layout and dtype.
     """
-    _check_qk(q, k, layout, spec)
+    _check_qk(q, k, layout, spec, keys_may_extend=k_rotated)
     if not isinstance(v, torch.Tensor) or v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
         raise ValueError(f"v must match k in shape, dtype and device; got {tuple(getattr(v, 'shape', ()))} vs "
                          f"{tuple(k.shape)}")
@@ -281,8 +313,14 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_i
     n_q_heads, n_kv_heads = _canonical(q, layout).shape[2], _canonical(k, layout).shape[2]
     if n_q_heads % n_kv_heads:
         raise ValueError(f"q heads ({n_q_heads}) must be a multiple of k/v heads ({n_kv_heads})")
-    if layout != "thd" and cu_seqlens is not None:
-        raise ValueError("cu_seqlens describes packed sequences: use it with layout='thd'")
+    if layout != "thd" and (cu_seqlens is not None or cu_seqlens_k is not None):
+        raise ValueError("cu_seqlens/cu_seqlens_k describe packed sequences: use them with layout='thd'")
+    if cu_seqlens_k is not None and not k_rotated:
+        raise ValueError("cu_seqlens_k gives keys their own sequence lengths, which only already rotated keys can "
+                         "have: pass k_rotated=True")
+    if layout == "thd" and q.shape[0] != k.shape[0] and (cu_seqlens is None or cu_seqlens_k is None):
+        raise ValueError(f"packed q ({q.shape[0]} tokens) and k ({k.shape[0]} tokens) differ in length: pass both "
+                         "cu_seqlens and cu_seqlens_k")
     backend = _pick(backend, q.device.type)
     head_dim = q.shape[-1]
     if backend == "triton":
@@ -300,9 +338,9 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_i
         seq_len = int(positions.max()) + 1
     inv_freq = spec.inv_freq_for(seq_len) if spec.is_dynamic else spec.inv_freq
     inv_freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    cu_seqlens, cu_seqlens_k = (None if cu is None else cu.to(device=q.device, dtype=torch.int32).contiguous()
+                                for cu in (cu_seqlens, cu_seqlens_k))
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
-    out, _ = _rope_attention(q, k, v, positions, inv_freq, cu_seqlens, float(spec.attention_scaling), scale, causal,
-                             layout, interleaved, spec.angle == "exact", backend)
+    out, _ = _rope_attention(q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, float(spec.attention_scaling),
+                             scale, causal, layout, interleaved, spec.angle == "exact", k_rotated, backend)
     return out

@@ -134,6 +134,36 @@ def _rope_setup_context(ctx, inputs, output):
 _rope.register_autograd(_rope_backward, setup_context=_rope_setup_context)
 
 
+@torch.library.custom_op("ctxext::rope_keys", mutates_args=())
+def _rope_keys(k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float, layout: str,
+               interleaved: bool, conjugate: bool, exact: bool, backend: str) -> torch.Tensor:
+    """Out-of-place rotation of one tensor (keys alone: the fused attention's K pass, KV-cache appends)."""
+    k_out = torch.empty_like(k)
+    _launch(k, None, k_out, None, positions, inv_freq, scaling, layout, interleaved, conjugate, exact, backend)
+    return k_out
+
+
+@_rope_keys.register_fake
+def _(k, positions, inv_freq, scaling, layout, interleaved, conjugate, exact, backend):
+    torch._check(inv_freq.dtype == torch.float32, lambda: "inv_freq must be float32")
+    return torch.empty_like(k)
+
+
+def _rope_keys_setup_context(ctx, inputs, output):
+    k, positions, inv_freq, *ctx.flags = inputs
+    ctx.save_for_backward(positions, inv_freq)
+
+
+def _rope_keys_backward(ctx, grad_k):
+    positions, inv_freq = ctx.saved_tensors
+    scaling, layout, interleaved, conjugate, exact, backend = ctx.flags
+    return (_rope_keys(_last_dim_contiguous(grad_k), positions, inv_freq, scaling, layout, interleaved, not conjugate,
+                       exact, backend), None, None, None, None, None, None, None, None)
+
+
+_rope_keys.register_autograd(_rope_keys_backward, setup_context=_rope_keys_setup_context)
+
+
 @torch.library.custom_op("ctxext::rope_", mutates_args=("q", "k"))
 def _rope_inplace(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
                   layout: str, interleaved: bool, conjugate: bool, exact: bool, backend: str) -> None:
@@ -171,7 +201,9 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------ checks
-def _check_qk(q: torch.Tensor, k: torch.Tensor, layout: str, spec: RopeSpec) -> None:
+def _check_qk(q: torch.Tensor, k: torch.Tensor, layout: str, spec: RopeSpec, keys_may_extend: bool = False) -> None:
+    """Named checks of q and k. keys_may_extend: k may hold more tokens than q (already rotated keys of a KV cache):
+    same batch and at least as many keys per sequence ("thd": any counts, cu_seqlens_k says which keys are whose)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     want = 3 if layout == "thd" else 4
@@ -191,7 +223,11 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor, layout: str, spec: RopeSpec) -> 
     if q.device != k.device:
         raise ValueError(f"q and k must be on the same device, got {q.device} and {k.device}")
     q_tokens, k_tokens = _token_dims(q, layout), _token_dims(k, layout)
-    if q_tokens != k_tokens:
+    if keys_may_extend:
+        if layout != "thd" and (q_tokens[0] != k_tokens[0] or k_tokens[1] < q_tokens[1]):
+            raise ValueError(f"k must have q's batch and at least its sequence length, got q {q_tokens} and k "
+                             f"{k_tokens} (batch, seq)")
+    elif q_tokens != k_tokens:
         raise ValueError(f"q and k must have the same batch/sequence dims, got {q_tokens} and {k_tokens}")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must have the same head_dim, got {q.shape[-1]} and {k.shape[-1]}")
@@ -255,7 +291,7 @@ def _check_range(positions: torch.Tensor) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ public
-def apply_rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor | None, spec: RopeSpec, *,
+def apply_rope(q: torch.Tensor | None, k: torch.Tensor, position_ids: torch.Tensor | None, spec: RopeSpec, *,
                layout: str = "bhsd", interleaved: bool = False, inplace: bool = False,
                cu_seqlens: torch.Tensor | None = None, backend: str | None = None,
                check_positions: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,7 +300,8 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor | No
     Args:
         q: `[B, Hq, S, D]` ("bhsd"), `[B, S, Hq, D]` ("bshd") or `[T, Hq, D]` ("thd"); fp32, fp16 or bf16; any strides
             with a contiguous head dim.
-        k: the same with Hk heads (GQA/MQA: Hk may differ from Hq).
+        k: the same with Hk heads (GQA/MQA: Hk may differ from Hq). With q None, k is rotated alone (out of
+            place; returns `(None, k_rot)`): keys for `rope_attention(..., k_rotated=True)` or a KV cache.
         position_ids: int32/int64 `[B, S]`, `[S]` or `[T]`, any non-negative values below 2^24 (PoSE skips, restarts
             in packed batches); None means 0..S-1 (per sequence of cu_seqlens for "thd").
         spec: the model's `RopeSpec`: frequencies, rotary_dim (dims beyond it pass through), attention scaling,
@@ -282,8 +319,13 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor | No
         >>> q, k = torch.randn(1, 8, 16, 64), torch.randn(1, 2, 16, 64)
         >>> q_rot, k_rot = apply_rope(q, k, torch.arange(16), spec)
     """
-    _check_qk(q, k, layout, spec)
-    positions = _positions_2d(position_ids, q, layout, cu_seqlens)
+    if q is None:  # keys alone: checked as a tensor that is its own partner
+        if inplace:
+            raise ValueError("inplace=True rotates q and k together: pass q, or rotate k out of place (inplace=False)")
+        _check_qk(k, k, layout, spec)
+    else:
+        _check_qk(q, k, layout, spec)
+    positions = _positions_2d(position_ids, k, layout, cu_seqlens)
     compiling = torch.compiler.is_compiling()
     seq_len = _check_range(positions) if (check_positions or spec.is_dynamic) and not compiling else None
     if spec.is_dynamic:
@@ -292,10 +334,12 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor | No
         inv_freq = spec.inv_freq_for(seq_len)
     else:
         inv_freq = spec.inv_freq
-    inv_freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
-    backend = _resolve_backend(backend, q.device.type)
+    inv_freq = inv_freq.to(device=k.device, dtype=torch.float32).contiguous()
+    backend = _resolve_backend(backend, k.device.type)
     args = (positions, inv_freq, float(spec.attention_scaling), layout, interleaved)
     exact = spec.angle == "exact"
+    if q is None:
+        return None, _rope_keys(k, *args, False, exact, backend)
     if inplace:
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
             return _RopeInplace.apply(q, k, *args, exact, backend)
