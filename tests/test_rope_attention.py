@@ -175,6 +175,7 @@ CUDA_CASES = [dataclasses.replace(c, head_dim=max(c.head_dim, 64)) for c in CASE
 ]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("case", CUDA_CASES, ids=str)
 def test_gpu_forward_backward_match_float64(case, backend):
