@@ -1,5 +1,6 @@
-"""Every Triton kernel compiles for sm_80, sm_90 and sm_100 down to a cubin, within the GPU's shared memory, without
-a GPU (see triton_aot.py: the interpreter that runs the kernels elsewhere in CI is more lenient than the compiler)."""
+"""Every Triton kernel compiles for sm_80, sm_86, sm_90 and sm_100 down to a cubin, within the GPU family's shared
+memory and without register spills, without a GPU (see triton_aot.py: the interpreter that runs the kernels elsewhere
+in CI is more lenient than the compiler and blind to registers and shared memory)."""
 
 import json
 import os
@@ -9,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from triton_aot import CASES, SHARED_MEMORY_LIMIT
-
-ARCHS = sorted(SHARED_MEMORY_LIMIT)
+from triton_aot import ARCHS, CASES
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +22,7 @@ def compile_errors() -> dict[int, dict[str, str]]:
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE) for arch in ARCHS}
     results = {}
     for arch, process in processes.items():
-        stdout, stderr = process.communicate(timeout=900)
+        stdout, stderr = process.communicate(timeout=3600)
         assert process.returncode == 0, stderr[-3000:]
         results[arch] = json.loads(stdout)
     return results
