@@ -7,7 +7,8 @@ kernel is compiled with exactly the arguments, compile-time constants and launch
 stages: `ops/triton_configs.py`) a launch on that GPU would get, down to a cubin. A kernel fails when it
 - needs more shared memory than one block of that GPU family may have, or
 - spills registers: `ptxas -v` reports spill stores/loads (fresh compiles), or its SASS touches local memory
-  (`LDL`/`STL`; this also covers kernels that Triton's cache serves without running ptxas).
+  (`LDL`/`STL`) or it has a stack frame (`cuobjdump -res-usage`; these two also cover kernels that Triton's cache
+  serves without running ptxas).
 
 The matrix: the attention kernels (forward, dQ, dK/dV) for every head_dim 64/80/96/128/256 x fp16/bf16/fp32, each
 with one combination of the code-shaping flags (causal, packed, interleaved, partial rotary; together every flag is
@@ -89,8 +90,7 @@ def _rope_launch(case):
 
 
 def attention_launch(case: AttentionCase, kernels=("fwd", "dq", "dkdv"), rotate: bool = True):
-    """The launches of one attention case: the forward and the two backward kernels (keys rotated once outside, so
-    the dK/dV kernel rotates dK back: ROTATE_K), on canonical meta views."""
+    """The launches of one attention case: the forward and the two backward kernels, on canonical meta views."""
     from ctxext_kernels.ops import triton_attention
 
     dtype, head_dim = DTYPES[case.dtype], case.head_dim
@@ -107,7 +107,7 @@ def attention_launch(case: AttentionCase, kernels=("fwd", "dq", "dkdv"), rotate:
     if "dq" in kernels or "dkdv" in kernels:
         grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         triton_attention.attention_backward(torch.empty_like(q), q, k, v, out, lse, *grads, positions, inv_freq,
-                                            cu_seqlens, cu_seqlens, **flags, rotate_k=rotate)
+                                            cu_seqlens, cu_seqlens, **flags)
 
 
 def record(launch, arch: int) -> list:
@@ -138,12 +138,12 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def sass(cubin: bytes) -> str:
-    """The cubin's SASS (cuobjdump bundled with Triton)."""
+def cuobjdump(cubin: bytes, *flags: str) -> str:
+    """`cuobjdump <flags>` of a cubin (the one bundled with Triton)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([_tool("cuobjdump"), "-sass", f.name], check=True, capture_output=True,
+        return subprocess.run([_tool("cuobjdump"), *flags, f.name], check=True, capture_output=True,
                               text=True).stdout
 
 
@@ -170,12 +170,11 @@ def compile_launch(kernel, args, kwargs, arch: int) -> dict:
     cubin = compiled.asm.get("cubin")
     if not cubin:
         raise AssertionError(f"{kernel.fn.__name__}: no cubin")
-    code = sass(cubin)
+    code = cuobjdump(cubin, "-sass")
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", cuobjdump(cubin, "-res-usage"))
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
-    registers = re.findall(r"Used (\d+) registers", log.getvalue())
-    return dict(name=kernel.fn.__name__, shared=compiled.metadata.shared,
-                registers=int(registers[-1]) if registers else None,
-                spill_bytes=sum(int(a) + int(b) for a, b in spills) if spills else None,
+    return dict(name=kernel.fn.__name__, shared=compiled.metadata.shared, registers=int(usage.group(1)),
+                stack=int(usage.group(2)), spill_bytes=sum(int(a) + int(b) for a, b in spills) if spills else None,
                 local_ops=len(re.findall(r"\b(?:LDL|STL)\b", code)), num_warps=compiled.metadata.num_warps,
                 sass=code, compiled=compiled)
 
@@ -188,8 +187,9 @@ def check(report: dict, arch: int) -> str:
                         f"{shared_memory_limit(arch)}")
     if report["spill_bytes"]:
         problems.append(f"spills {report['spill_bytes']} bytes (ptxas -v)")
-    if report["local_ops"]:
-        problems.append(f"{report['local_ops']} local-memory instructions (LDL/STL) in its SASS")
+    if report["local_ops"] or report["stack"]:
+        problems.append(f"{report['local_ops']} local-memory instructions (LDL/STL) in its SASS, "
+                        f"{report['stack']}-byte stack frame")
     return f"{report['name']}: " + "; ".join(problems) if problems else ""
 
 

@@ -196,8 +196,8 @@ def fused_backward(backend, grad_out, q, k, v, out, lse, dq, dk, dv, positions, 
     """Run a fused backend's backward into dq, dk, dv: gradients of the unrotated q, of k as it came in (unrotated,
     or rotated with `k_rotated`) and of v; arguments as `fused_forward`.
 
-    Triton: q (and unrotated k) are rotated once by the RoPE kernel; the dQ kernel, and the dK/dV kernel for keys
-    rotated here, rotate their gradients back in their epilogues.
+    Triton: q (and unrotated k) are rotated once by the RoPE kernel; the dQ kernel rotates dQ back in its epilogue;
+    dK of keys rotated here is rotated back by the RoPE kernel (the angle negated).
     """
     if backend == "cuda":
         _cuda_takes(k_rotated, cu_seqlens_k)
@@ -219,7 +219,9 @@ def fused_backward(backend, grad_out, q, k, v, out, lse, dq, dk, dv, positions, 
                                  inv_freq, scaling, interleaved, False, exact)
     triton_attention.attention_backward(grad_out, q_rot, k_rot, v, out, lse, dq, dk, dv, positions, inv_freq,
                                         cu_seqlens, cu_seqlens if cu_seqlens_k is None else cu_seqlens_k, scaling,
-                                        softmax_scale, causal, interleaved, exact, rotate, rotate and not k_rotated)
+                                        softmax_scale, causal, interleaved, exact, rotate)
+    if rotate and not k_rotated:  # dK w.r.t. the keys rotated here -> w.r.t. the unrotated keys, in place
+        triton_rope.rope_forward(dk, None, dk, None, positions, inv_freq, scaling, interleaved, True, exact)
 
 
 # ---------------------------------------------------------------------------------------------------- custom ops

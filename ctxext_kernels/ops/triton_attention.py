@@ -6,8 +6,8 @@ each column d turns with its rotation partner (`x'[d] = x[d] cos + sign(d) x[par
 second, cached load of the same rows) by the exact angle of its token's position (`triton_math`, the RoPE op's
 math; hardware cos/sin on GPUs) and is rounded to the input dtype, exactly what a separate RoPE pass would have
 written. The backward works on q rotated once by the RoPE op: the dQ kernel rotates its fp32 accumulator back by
-the negative angle in its epilogue (partner columns via `tl.gather`), the dK/dV kernel does the same for dK when the
-keys were rotated here (`ROTATE_K`), and is otherwise the plain FlashAttention-2 dK/dV kernel.
+the negative angle in its epilogue (partner columns via `tl.gather`); the dK/dV kernel is the plain
+FlashAttention-2 one (its dK is w.r.t. the rotated keys; whoever rotated them rotates it back).
 
 Tensors are canonical views: q, out `[B, Sq, Hq, D]`, k, v `[B, Sk, Hk, D]` with any strides and a contiguous last
 dim, Sk >= Sq; positions (the queries') `[B, Sq]`. Packed batches have B == 1 and `cu_seqlens_q` / `cu_seqlens_k`
@@ -317,14 +317,15 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, out_ptr, dq_ptr, lse_ptr, delta_
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_rows, do_rows, lse_ptrs, delta_ptrs, sqs, sdos, sls, rows_n, lo, hi, q_len, offset,
-                qk_scale, DIM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+def _dkdv_inner(dk, dv, k, v, q_rows, do_rows, lse_ptrs, delta_ptrs, sqs, sdos, sls, rows_n, lo, full, q_len, offset,
+                qk_scale, DIM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
                 MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dK, dV (w.r.t. the rotated k, unscaled) accumulated over the Q blocks [lo, hi) of one q head. MASKED: blocks
-    crossing the causal diagonal. Rows past the queries' end load as zeros (lse, delta 0), which adds exactly
-    nothing, so only the diagonal needs a mask."""
+    """dK, dV (w.r.t. the rotated k, unscaled) accumulated over the Q blocks from lo on of one q head; the blocks
+    below `full` cross the causal diagonal and are masked. Rows past the queries' end load as zeros (lse, delta 0),
+    which adds exactly nothing, so only the diagonal needs a mask. One loop with a uniform branch for the mask
+    (two loops, as in the forward, cost this kernel register spills inside its GQA loop)."""
     dtype = q_rows.dtype.element_ty
-    for m0 in range(lo, hi, BLOCK_M):
+    for m0 in range(lo, q_len, BLOCK_M):
         rows_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = rows_m < q_len
         q = _load_rows(q_rows + rows_m[:, None].to(tl.int64) * sqs, mask_m, DIM, HEAD_DIM, True).to(MMA_DTYPE)
@@ -333,8 +334,9 @@ def _dkdv_inner(dk, dv, k, v, q_rows, do_rows, lse_ptrs, delta_ptrs, sqs, sdos, 
         delta = tl.load(delta_ptrs + rows_m.to(tl.int64) * sls, mask=mask_m, other=0.0)
         # transposed scores [BLOCK_N, BLOCK_M]: the K block is the row side here
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
-        if MASKED:
-            p_t = tl.where(rows_n[:, None] <= rows_m[None, :] + offset, p_t, 0.0)
+        if CAUSAL:
+            if m0 < full:
+                p_t = tl.where(rows_n[:, None] <= rows_m[None, :] + offset, p_t, 0.0)
         dv += tl.dot(_mma(p_t, dtype, MMA_DTYPE), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = _mma(p_t * (dp_t - delta[None, :]), dtype, MMA_DTYPE)
@@ -343,17 +345,14 @@ def _dkdv_inner(dk, dv, k, v, q_rows, do_rows, lse_ptrs, delta_ptrs, sqs, sdos, 
 
 
 @triton.jit
-def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, pos_ptr, inv_freq_ptr,
-                     cu_q_ptr, cu_k_ptr, scaling, qk_scale, sm_scale,
-                     sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh, sdkb, sdks, sdkh,
-                     sdvb, sdvs, sdvh, slb, sls, spb, sps, seqlen_q, seqlen_k, n_seqs, group,
-                     HEAD_DIM: tl.constexpr, DIM: tl.constexpr, ROTARY_DIM: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-                     INTERLEAVED: tl.constexpr, EXACT: tl.constexpr, FAST: tl.constexpr, SCALED: tl.constexpr,
-                     ROTATE_K: tl.constexpr,
-                     MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dK and dV of one K/V block of one kv head, summed over the q heads of its GQA group (q, k rotated). ROTATE_K:
-    the keys were rotated at the queries' positions (Sk == Sq), so dK is rotated back in the epilogue."""
+def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta_ptr, cu_q_ptr, cu_k_ptr, qk_scale,
+                     sm_scale, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh, sdkb, sdks, sdkh,
+                     sdvb, sdvs, sdvh, slb, sls, seqlen_q, seqlen_k, n_seqs, group,
+                     HEAD_DIM: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, MMA_DTYPE: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """dK (w.r.t. the rotated k) and dV of one K/V block of one kv head, summed over the q heads of its GQA group;
+    q and k come in rotated, so this is the plain FlashAttention-2 dK/dV kernel."""
     kv_head = tl.program_id(1).to(tl.int64)
     seq, n_block = _tile(cu_k_ptr, n_seqs, BLOCK_N, VARLEN)
     q_start, q_len = _bounds(cu_q_ptr, seq, seqlen_q, VARLEN)
@@ -370,7 +369,7 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta
         offset = k_len - q_len
         if CAUSAL:  # queries i >= j - offset see key j; from row n0 + BLOCK_N - 1 - offset on they see the block
             lo = tl.maximum(0, n_block * BLOCK_N - offset) // BLOCK_M * BLOCK_M
-            full = tl.maximum(lo, tl.cdiv(n_block * BLOCK_N + BLOCK_N - 1 - offset, BLOCK_M) * BLOCK_M)
+            full = n_block * BLOCK_N + BLOCK_N - 1 - offset
         else:
             lo = 0
             full = 0
@@ -383,39 +382,42 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta
             lse_ptrs = lse_ptr + batch * slb + q_start * sls + head
             delta_ptrs = delta_ptr + batch * slb + q_start * sls + head
             dk, dv = _dkdv_inner(dk, dv, k, v, q_rows, do_rows, lse_ptrs, delta_ptrs, sqs, sdos, sls, rows_n, lo,
-                                 tl.minimum(full, q_len), q_len, offset, qk_scale, DIM, HEAD_DIM, BLOCK_M, True,
-                                 MMA_DTYPE, DOT_PRECISION)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_rows, do_rows, lse_ptrs, delta_ptrs, sqs, sdos, sls, rows_n, full,
-                                 q_len, q_len, offset, qk_scale, DIM, HEAD_DIM, BLOCK_M, False, MMA_DTYPE,
+                                 full, q_len, offset, qk_scale, DIM, HEAD_DIM, BLOCK_M, CAUSAL, MMA_DTYPE,
                                  DOT_PRECISION)
-        dk *= sm_scale
-        if ROTATE_K:
-            pos = tl.load(pos_ptr + batch * spb + tok_n * sps, mask=mask_n, other=0)
-            dk = _turn_back(dk, pos, inv_freq_ptr, scaling, DIM, ROTARY_DIM, INTERLEAVED, EXACT, FAST, SCALED)
-        _store_rows(dk_ptr + batch * sdkb + tok_n[:, None] * sdks + kv_head * sdkh, mask_n, dk, DIM, HEAD_DIM)
+        _store_rows(dk_ptr + batch * sdkb + tok_n[:, None] * sdks + kv_head * sdkh, mask_n, dk * sm_scale, DIM,
+                    HEAD_DIM)
         _store_rows(dv_ptr + batch * sdvb + tok_n[:, None] * sdvs + kv_head * sdvh, mask_n, dv, DIM, HEAD_DIM)
 
 
 # ------------------------------------------------------------------------------------------------- launchers
-def _constants(q, inv_freq, cu_seqlens_q, scaling: float) -> dict:
-    """Compile-time flags shared by the three kernels."""
+def _tile_constants(q, cu_seqlens_q) -> dict:
+    """Compile-time constants of the tiles, shared by the three kernels."""
     head_dim = q.shape[-1]
     # Triton's CPU interpreter computes bf16 dots wrongly: there the bf16-rounded operands are held in fp32, which is
     # the same arithmetic (bf16 x bf16 products are exact in fp32, accumulation is fp32 either way).
     mma_in_fp32 = q.dtype == torch.float32 or (q.device.type == "cpu" and q.dtype == torch.bfloat16)
-    return dict(HEAD_DIM=head_dim, DIM=max(16, triton.next_power_of_2(head_dim)), ROTARY_DIM=2 * inv_freq.numel(),
-                VARLEN=cu_seqlens_q is not None, SCALED=scaling != 1.0,
-                FAST=q.device.type != "cpu",  # hardware cos/sin: compiled GPU code only (the interpreter has no PTX)
+    return dict(HEAD_DIM=head_dim, DIM=max(16, triton.next_power_of_2(head_dim)), VARLEN=cu_seqlens_q is not None,
                 MMA_DTYPE=tl.float32 if mma_in_fp32 else _TL_DTYPES[q.dtype],
                 # fp32 operands must not silently drop to tf32 on tensor cores; fp16/bf16 take the default
                 DOT_PRECISION="ieee" if mma_in_fp32 else None)
+
+
+def _rope_constants(q, inv_freq, scaling: float, interleaved: bool, exact: bool, rotate: bool) -> dict:
+    """Compile-time constants of the rotation (forward prologue, dQ epilogue)."""
+    return dict(ROTARY_DIM=2 * inv_freq.numel(), INTERLEAVED=interleaved, EXACT=exact, ROTATE=rotate,
+                SCALED=scaling != 1.0,
+                FAST=q.device.type != "cpu")  # hardware cos/sin: compiled GPU code only (the interpreter has no PTX)
+
+
+def _n_seqs(cu_seqlens) -> int:
+    return 0 if cu_seqlens is None else cu_seqlens.numel() - 1
 
 
 def _grid(x, cu_seqlens, heads: int, block: int) -> tuple[int, int, int]:
     """Programs for the row blocks of x `[B, S, H, D]` (see `_tile`): sized from shapes only, no host sync."""
     if cu_seqlens is None:
         return triton.cdiv(x.shape[1], block), heads, x.shape[0]
-    return triton.cdiv(x.shape[1], block) + cu_seqlens.numel() - 1, heads, 1
+    return triton.cdiv(x.shape[1], block) + _n_seqs(cu_seqlens), heads, 1
 
 
 def attention_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens_q, cu_seqlens_k, scaling: float,
@@ -433,28 +435,27 @@ def attention_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens_q, cu_s
         _fwd_kernel[grid](q, k, v, out, lse, positions, inv_freq, cu_q, cu_k, float(scaling),
                           float(softmax_scale) * LOG2E,
                           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
-                          *positions.stride(), q.shape[1], k.shape[1], max(0, cu_q.numel() - 1), q.shape[2] // k.shape[2],
-                          BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=causal, INTERLEAVED=interleaved,
-                          EXACT=exact, ROTATE=rotate, num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.maxnreg,
-                          **_constants(q, inv_freq, cu_seqlens_q, scaling))
+                          *positions.stride(), q.shape[1], k.shape[1], _n_seqs(cu_seqlens_q), q.shape[2] // k.shape[2],
+                          BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=causal, num_warps=config.num_warps,
+                          num_stages=config.num_stages, maxnreg=config.maxnreg, **_tile_constants(q, cu_seqlens_q),
+                          **_rope_constants(q, inv_freq, scaling, interleaved, exact, rotate))
 
 
 def attention_backward(grad_out, q_rot, k, v, out, lse, dq, dk, dv, positions, inv_freq, cu_seqlens_q, cu_seqlens_k,
                        scaling: float, softmax_scale: float, causal: bool, interleaved: bool, exact: bool,
-                       rotate: bool = True, rotate_k: bool = False) -> None:
-    """Fused backward into dq (w.r.t. the unrotated q when `rotate`), dk (w.r.t. the rotated k, or the unrotated one
-    when `rotate_k`: then Sk == Sq and k was rotated at `positions`) and dv. q_rot: q already rotated (the RoPE op);
-    the rest as `attention_forward`."""
+                       rotate: bool = True) -> None:
+    """Fused backward into dq (w.r.t. the unrotated q when `rotate`: rotated back in the dQ kernel's epilogue), dk
+    (w.r.t. the rotated k) and dv. q_rot: q rotated by the RoPE op (q itself without `rotate`); the rest as
+    `attention_forward`."""
     n_q_heads, n_kv_heads = q_rot.shape[2], k.shape[2]
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dQ kernel, read by the dK/dV kernel
     capability = triton_configs.capability(q_rot.device)
     cu_q = positions if cu_seqlens_q is None else cu_seqlens_q
     cu_k = positions if cu_seqlens_k is None else cu_seqlens_k
-    constants = _constants(q_rot, inv_freq, cu_seqlens_q, scaling)
-    scalars = (float(scaling), float(softmax_scale) * LOG2E, float(softmax_scale))
-    tail = (*lse.stride()[:2], *positions.stride(), q_rot.shape[1], k.shape[1], max(0, cu_q.numel() - 1),
-            n_q_heads // n_kv_heads)
+    tiles = _tile_constants(q_rot, cu_seqlens_q)
+    qk_scale = float(softmax_scale) * LOG2E
+    lengths = (q_rot.shape[1], k.shape[1], _n_seqs(cu_seqlens_q), n_q_heads // n_kv_heads)
     dq_config = triton_configs.attention_config("dq", q_rot.shape[-1], q_rot.dtype, capability)
     dkdv_config = triton_configs.attention_config("dkdv", q_rot.shape[-1], q_rot.dtype, capability)
     dq_grid = _grid(q_rot, cu_seqlens_q, n_q_heads, dq_config.block_m)
@@ -462,15 +463,16 @@ def attention_backward(grad_out, q_rot, k, v, out, lse, dq, dk, dv, positions, i
     with triton_configs.device_guard(q_rot):
         if dq_grid[0] * dq_grid[2]:
             _bwd_dq_kernel[dq_grid](
-                q_rot, k, v, grad_out, out, dq, lse, delta, positions, inv_freq, cu_q, cu_k, *scalars,
-                *q_rot.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *out.stride()[:3],
-                *dq.stride()[:3], *tail, BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n, CAUSAL=causal,
-                INTERLEAVED=interleaved, EXACT=exact, ROTATE=rotate, num_warps=dq_config.num_warps,
-                num_stages=dq_config.num_stages, maxnreg=dq_config.maxnreg, **constants)
+                q_rot, k, v, grad_out, out, dq, lse, delta, positions, inv_freq, cu_q, cu_k, float(scaling),
+                qk_scale, float(softmax_scale), *q_rot.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                *grad_out.stride()[:3], *out.stride()[:3], *dq.stride()[:3], *lse.stride()[:2], *positions.stride(),
+                *lengths, BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n, CAUSAL=causal,
+                num_warps=dq_config.num_warps, num_stages=dq_config.num_stages, maxnreg=dq_config.maxnreg, **tiles,
+                **_rope_constants(q_rot, inv_freq, scaling, interleaved, exact, rotate))
         if dkdv_grid[0] * dkdv_grid[2]:
             _bwd_dkdv_kernel[dkdv_grid](
-                q_rot, k, v, grad_out, dk, dv, lse, delta, positions, inv_freq, cu_q, cu_k, *scalars,
+                q_rot, k, v, grad_out, dk, dv, lse, delta, cu_q, cu_k, qk_scale, float(softmax_scale),
                 *q_rot.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dk.stride()[:3],
-                *dv.stride()[:3], *tail, BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n, CAUSAL=causal,
-                INTERLEAVED=interleaved, EXACT=exact, ROTATE_K=rotate_k, num_warps=dkdv_config.num_warps,
-                num_stages=dkdv_config.num_stages, maxnreg=dkdv_config.maxnreg, **constants)
+                *dv.stride()[:3], *lse.stride()[:2], *lengths, BLOCK_M=dkdv_config.block_m,
+                BLOCK_N=dkdv_config.block_n, CAUSAL=causal, num_warps=dkdv_config.num_warps,
+                num_stages=dkdv_config.num_stages, maxnreg=dkdv_config.maxnreg, **tiles)

@@ -48,39 +48,40 @@ INTERPRETER = Config(16, 16, 4, 1)
 _ATTENTION = {
     # forward: Q tile [BM, D] resident, K/V tiles [BN, D] streamed through `num_stages` buffers
     ("fwd", "sm90", "16", 64): Config(128, 64, 4, 3),
-    ("fwd", "sm90", "16", 128): Config(128, 64, 4, 3),
-    ("fwd", "sm90", "16", 256): Config(64, 64, 4, 2),
-    ("fwd", "sm80", "16", 64): Config(128, 64, 4, 3),
-    ("fwd", "sm80", "16", 128): Config(128, 64, 4, 2),
-    ("fwd", "sm80", "16", 256): Config(64, 64, 4, 2),
-    ("fwd", "sm86", "16", 64): Config(128, 64, 4, 2),
-    ("fwd", "sm86", "16", 128): Config(64, 64, 4, 2),
-    ("fwd", "sm86", "16", 256): Config(64, 32, 4, 2),
-    # dK/dV: K, V tile [BN, D] resident with its two fp32 accumulators; Q, dO tiles [BM, D] streamed
-    ("dkdv", "sm90", "16", 64): Config(32, 128, 4, 2),
-    ("dkdv", "sm90", "16", 128): Config(32, 128, 8, 2),
-    ("dkdv", "sm90", "16", 256): Config(32, 64, 8, 1),
-    ("dkdv", "sm80", "16", 64): Config(32, 128, 4, 2),
-    ("dkdv", "sm80", "16", 128): Config(32, 64, 4, 2),
-    ("dkdv", "sm80", "16", 256): Config(32, 64, 8, 1),
-    ("dkdv", "sm86", "16", 64): Config(32, 64, 4, 2),
-    ("dkdv", "sm86", "16", 128): Config(32, 64, 4, 1),
-    ("dkdv", "sm86", "16", 256): Config(16, 64, 4, 1),
-    # dQ: Q, dO tile [BM, D] resident with the fp32 dQ accumulator; K, V tiles [BN, D] streamed
-    ("dq", "sm90", "16", 64): Config(128, 32, 4, 2),
-    ("dq", "sm90", "16", 128): Config(128, 32, 8, 2),
-    ("dq", "sm90", "16", 256): Config(64, 32, 8, 1),
-    ("dq", "sm80", "16", 64): Config(128, 32, 4, 2),
-    ("dq", "sm80", "16", 128): Config(64, 32, 4, 2),
-    ("dq", "sm80", "16", 256): Config(64, 32, 8, 1),
-    ("dq", "sm86", "16", 64): Config(64, 32, 4, 2),
-    ("dq", "sm86", "16", 128): Config(64, 32, 4, 1),
-    ("dq", "sm86", "16", 256): Config(64, 16, 4, 1),
+    ("fwd", "sm90", "16", 128): Config(64, 64, 4, 3),
+    ("fwd", "sm90", "16", 256): Config(64, 64, 8, 2),
+    ("fwd", "sm80", "16", 64): Config(64, 64, 4, 3),
+    ("fwd", "sm80", "16", 128): Config(64, 64, 8, 3),
+    ("fwd", "sm80", "16", 256): Config(64, 32, 8, 2),
+    ("fwd", "sm86", "16", 64): Config(64, 64, 4, 3),
+    ("fwd", "sm86", "16", 128): Config(64, 64, 8, 2),
+    ("fwd", "sm86", "16", 256): Config(64, 32, 8, 1),
+    # dQ: Q, dO tiles [BM, D] resident with the fp32 dQ accumulator; K, V tiles [BN, D] streamed
+    ("dq", "sm90", "16", 64): Config(64, 64, 4, 2),
+    ("dq", "sm90", "16", 128): Config(64, 64, 8, 2),
+    ("dq", "sm90", "16", 256): Config(64, 32, 8, 2),
+    ("dq", "sm80", "16", 64): Config(64, 64, 4, 2),
+    ("dq", "sm80", "16", 128): Config(64, 64, 8, 2),
+    ("dq", "sm80", "16", 256): Config(64, 32, 8, 2),
+    ("dq", "sm86", "16", 64): Config(64, 64, 4, 2),
+    ("dq", "sm86", "16", 128): Config(64, 32, 8, 2),
+    ("dq", "sm86", "16", 256): Config(32, 32, 8, 1),
+    # dK/dV: K, V tiles [BN, D] resident with their two fp32 accumulators; Q, dO tiles [BM, D] streamed
+    ("dkdv", "sm90", "16", 64): Config(64, 64, 4, 2),
+    ("dkdv", "sm90", "16", 128): Config(64, 64, 8, 2),
+    ("dkdv", "sm90", "16", 256): Config(32, 32, 8, 2),
+    ("dkdv", "sm80", "16", 64): Config(64, 64, 4, 2),
+    ("dkdv", "sm80", "16", 128): Config(64, 64, 8, 2),
+    ("dkdv", "sm80", "16", 256): Config(32, 32, 8, 2),
+    ("dkdv", "sm86", "16", 64): Config(64, 64, 4, 2),
+    ("dkdv", "sm86", "16", 128): Config(32, 64, 8, 2),
+    ("dkdv", "sm86", "16", 256): Config(32, 32, 8, 1),
 }
 for _family in SHARED_MEMORY_PER_BLOCK:
     for _kernel in ("fwd", "dkdv", "dq"):
-        for _dim in (64, 128, 256):
-            _ATTENTION[(_kernel, _family, "32", _dim)] = Config(32, 32, 4, 1) if _dim < 256 else Config(16, 16, 4, 1)
+        _ATTENTION[(_kernel, _family, "32", 64)] = Config(32, 32, 4, 2)
+        _ATTENTION[(_kernel, _family, "32", 128)] = Config(32, 32, 4, 2)
+        _ATTENTION[(_kernel, _family, "32", 256)] = Config(16, 16, 4, 2)
 
 
 def attention_config(kernel: str, head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None) -> Config:
