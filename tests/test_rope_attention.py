@@ -48,6 +48,9 @@ CASES = [
          rope=("yarn", {"factor": 8.0, "original_max_position_embeddings": 512})),
     Case("head 128 fp16", head_dim=128, q_heads=2, k_heads=1, batch=1, seq=20, dtype=torch.float16),
     Case("partial rotary bf16", rope=("default", {"partial_rotary_factor": 0.5}), max_position=3000),
+    Case("head 80 padded tile bf16", head_dim=80, q_heads=2, k_heads=1, max_position=2**24),
+    Case("head 96 positions near 2^24 fp32", head_dim=96, q_heads=2, k_heads=1, batch=1, seq=20,
+         dtype=torch.float32, max_position=2**24),
     Case("partial rotary interleaved fp32", dtype=torch.float32, interleaved=True, batch=1,
          rope=("default", {"partial_rotary_factor": 0.25})),
 ]
@@ -164,6 +167,77 @@ def _check_against_float64(case, backend, device="cpu"):
 def test_forward_backward_match_float64(case, backend):
     _require(backend)
     _check_against_float64(case, backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("layout,lengths_q,lengths_k", [
+    ("thd", (1, 3, 6, 2), (9, 4, 6, 20)),  # decode, chunked prefill, a whole sequence, a tile-crossing offset
+    ("bshd", (5, 5), (21, 21)),
+    ("bhsd", (1, 1), (7, 7)),
+], ids=["packed", "bshd-chunk", "bhsd-decode"])
+def test_triton_rotated_keys_longer_than_queries(layout, lengths_q, lengths_k, causal, dtype):
+    """`k_rotated=True` on the Triton kernels: queries (the last tokens of their sequences) against more, already
+    rotated keys, bottom-right causal, packed with their own cu_seqlens_k; float64 oracle, forward and backward.
+    Tolerance as above: at most twice the error of the same math in the input dtype, plus a floor."""
+    from test_attention_cached_keys import SPEC, _case, _full_attention
+
+    _require("triton")
+    q, k_rot, v, q_ids, inv_freq = _case(lengths_q, lengths_k, torch.float32)
+    q, k_rot, v = (x.to(dtype) for x in (q, k_rot, v))
+    leaves64 = [x.to(torch.float64).requires_grad_() for x in (q, k_rot, v)]
+    q_rot64 = rope_oracle(leaves64[0][None], q_ids[None], inv_freq)[0]
+    want = _full_attention(q_rot64, leaves64[1], leaves64[2], lengths_q, lengths_k, causal)
+    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    want.backward(grad)
+
+    # the yardstick: rotated q rounded to the dtype (what a RoPE pass stores), then attention in the dtype
+    yard = [x.clone().requires_grad_() for x in (q, k_rot, v)]
+    q_rot = rope_oracle(yard[0].to(torch.float64)[None], q_ids[None], inv_freq)[0]
+    q_rot = yard[0] + (q_rot.to(dtype) - yard[0]).detach()  # value rounded, gradient of the rotation: identity
+    _full_attention(q_rot, yard[1], yard[2], lengths_q, lengths_k, causal).backward(grad.to(dtype))
+
+    leaves = [x.clone().requires_grad_() for x in (q, k_rot, v)]
+    if layout == "thd":
+        cu_q, cu_k = (torch.tensor([0, *n]).cumsum(0) for n in (lengths_q, lengths_k))
+        out = rope_attention(*leaves, q_ids, SPEC, causal=causal, layout="thd", cu_seqlens=cu_q, cu_seqlens_k=cu_k,
+                             k_rotated=True, backend="triton")
+        out.backward(grad.to(dtype))
+        got = [out.detach()] + [x.grad for x in leaves]
+    else:
+        def batched(x, n):  # packed rows of equal-length sequences -> [B, S, H, D] -> layout
+            x = x.reshape(len(lengths_q), n, *x.shape[1:])
+            return x.transpose(1, 2) if layout == "bhsd" else x
+        args = [batched(x, n) for x, n in zip(leaves, (lengths_q[0], lengths_k[0], lengths_k[0]))]
+        out = rope_attention(*args, q_ids.reshape(len(lengths_q), -1), SPEC, causal=causal, layout=layout,
+                             k_rotated=True, backend="triton")
+        out = out.transpose(1, 2) if layout == "bhsd" else out
+        out.reshape(-1, *out.shape[2:]).backward(grad.to(dtype).reshape(-1, *out.shape[2:]))
+        got = [out.detach().reshape(-1, *out.shape[2:])] + [x.grad for x in leaves]
+    expected = [want.detach()] + [x.grad for x in leaves64]
+    baseline = [None] + [x.grad for x in yard]
+    baseline[0] = _full_attention(q_rot.detach(), *(x.detach() for x in yard[1:]), lengths_q, lengths_k, causal)
+    floor = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    for name, g_, b_, e_ in zip(("out", "dq", "dk_rot", "dv"), got, baseline, expected):
+        err = (g_.to(torch.float64) - e_).abs().max().item()
+        ref_err = (b_.to(torch.float64) - e_).abs().max().item()
+        assert err <= 2 * ref_err + floor, f"{name}: error {err:.3e} vs plain torch in {dtype} {ref_err:.3e}"
+
+
+def test_triton_many_packed_sequences():
+    """More sequences than one chunk of the kernels' sequence search (`_tile`), of lengths 0 to 3: each program
+    still finds its own sequence (packed output == each sequence attended alone)."""
+    _require("triton")
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(0, 4, (300,), generator=g)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    q, k, v = (torch.randn(int(cu[-1]), 1, 16, generator=g) for _ in range(3))
+    spec = RopeSpec.from_params(16)
+    out = rope_attention(q, k, v, None, spec, layout="thd", cu_seqlens=cu, backend="triton")
+    want = torch.cat([rope_attention(q[a:b], k[a:b], v[a:b], None, spec, layout="thd",
+                                     cu_seqlens=torch.tensor([0, b - a]), backend="torch")
+                      for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()) if b > a])
+    torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
 
 
 # The CUDA kernels take fp16/bf16 and head_dim 64/128: the same cases at those sizes, plus sequences longer than one

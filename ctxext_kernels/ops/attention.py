@@ -132,13 +132,6 @@ def _reference_attention_backward(grad_out, q, k, v, positions, inv_freq, cu_seq
 
 
 # ------------------------------------------------------------------------------------------ fused launchers
-def _longest(q_canonical: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
-    """Longest sequence: S, or the longest packed sequence of cu_seqlens (one host sync)."""
-    if cu_seqlens is None:
-        return q_canonical.shape[1]
-    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-
-
 def _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal, interleaved,
                exact, rotate):
     """AttentionArgs of the CUDA launchers (canonical `[B, S, H, D]` views; see csrc/attention/attention.h)."""
@@ -149,7 +142,9 @@ def _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, soft
         setattr(args, name, cuda_ext._view(x, ext))
     args.dtype = getattr(ext.DType, _DTYPE_TAGS[q.dtype])
     args.positions_int64 = positions.dtype == torch.int64
-    args.max_seqlen = _longest(q, cu_seqlens)
+    # An upper bound of the longest sequence sizes the grid (blocks past a sequence's end return at once): the
+    # longest of cu_seqlens would cost a host sync on every call.
+    args.max_seqlen = q.shape[1]
     args.scaling, args.softmax_scale = float(scaling), float(softmax_scale)
     args.causal, args.interleaved, args.exact, args.rotate = causal, interleaved, exact, rotate
     args.device = q.device.index if q.device.index is not None else torch.cuda.current_device()
@@ -157,27 +152,56 @@ def _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, soft
     return ext, args
 
 
-def fused_forward(backend, q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
-                  interleaved, exact, rotate=True) -> None:
-    """Run a fused backend's forward into out `[B,S,Hq,D]` and lse fp32 `[B,S,Hq]` (canonical views).
+def _cuda_takes(k_rotated: bool, cu_seqlens_k: torch.Tensor | None) -> None:
+    if k_rotated or cu_seqlens_k is not None:
+        raise NotImplementedError("the fused CUDA kernels rotate q and k together: k_rotated=True (keys longer than "
+                                  "queries, cu_seqlens_k) runs on backend='triton' or 'torch'")
 
-    `rotate=False` runs the same kernel without RoPE: the benchmark's measure of what the rotation costs.
+
+def _rotated_keys(k, positions, inv_freq, scaling, interleaved, exact) -> torch.Tensor:
+    """k rotated once by the RoPE op's Triton kernel (Sk == Sq: the queries' positions are the keys')."""
+    from . import triton_rope
+
+    k_rot = torch.empty_like(k)
+    triton_rope.rope_forward(k, None, k_rot, None, positions, inv_freq, scaling, interleaved, False, exact)
+    return k_rot
+
+
+def fused_forward(backend, q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
+                  interleaved, exact, rotate=True, *, cu_seqlens_k=None, k_rotated=False) -> None:
+    """Run a fused backend's forward into out `[B,Sq,Hq,D]` and lse fp32 `[B,Sq,Hq]` (canonical views).
+
+    q `[B,Sq,Hq,D]` is unrotated; k, v `[B,Sk,Hk,D]`: k unrotated at the queries' positions (Sk == Sq), or already
+    rotated (`k_rotated`: Sk >= Sq, packed keys delimited by `cu_seqlens_k`, default `cu_seqlens`). Triton rotates
+    unrotated keys once here with the RoPE kernel, then its attention kernel rotates only Q, once per Q tile.
+    `rotate=False` runs the same kernels without RoPE: the benchmark's measure of what the rotation costs.
     """
     if backend == "cuda":
+        _cuda_takes(k_rotated, cu_seqlens_k)
         ext, args = _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
                                interleaved, exact, rotate)
         ext.rope_attention_forward_cuda(args)
         return
     from . import triton_attention
 
-    triton_attention.attention_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale,
+    if rotate and not k_rotated:
+        k = _rotated_keys(k, positions, inv_freq, scaling, interleaved, exact)
+    triton_attention.attention_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens,
+                                       cu_seqlens if cu_seqlens_k is None else cu_seqlens_k, scaling, softmax_scale,
                                        causal, interleaved, exact, rotate)
 
 
 def fused_backward(backend, grad_out, q, k, v, out, lse, dq, dk, dv, positions, inv_freq, cu_seqlens, scaling,
-                   softmax_scale, causal, interleaved, exact, rotate=True) -> None:
-    """Run a fused backend's backward into dq, dk, dv (gradients of the unrotated q, k and of v; canonical views)."""
+                   softmax_scale, causal, interleaved, exact, rotate=True, *, cu_seqlens_k=None,
+                   k_rotated=False) -> None:
+    """Run a fused backend's backward into dq, dk, dv: gradients of the unrotated q, of k as it came in (unrotated,
+    or rotated with `k_rotated`) and of v; arguments as `fused_forward`.
+
+    Triton: q (and unrotated k) are rotated once by the RoPE kernel; the dQ kernel rotates dQ back in its epilogue;
+    dK of keys rotated here is rotated back by the RoPE kernel (the angle negated).
+    """
     if backend == "cuda":
+        _cuda_takes(k_rotated, cu_seqlens_k)
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
         ext, args = _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
                                interleaved, exact, rotate)
@@ -187,10 +211,18 @@ def fused_backward(backend, grad_out, q, k, v, out, lse, dq, dk, dv, positions, 
             setattr(args, name, cuda_ext._view(x, ext))
         ext.rope_attention_backward_cuda(args)
         return
-    from . import triton_attention
+    from . import triton_attention, triton_rope
 
-    triton_attention.attention_backward(grad_out, q, k, v, out, lse, dq, dk, dv, positions, inv_freq, cu_seqlens,
-                                        scaling, softmax_scale, causal, interleaved, exact, rotate)
+    q_rot, k_rot = q, k
+    if rotate:  # one RoPE launch for both: cos/sin once per token
+        q_rot, k_rot = torch.empty_like(q), k if k_rotated else torch.empty_like(k)
+        triton_rope.rope_forward(q, None if k_rotated else k, q_rot, None if k_rotated else k_rot, positions,
+                                 inv_freq, scaling, interleaved, False, exact)
+    triton_attention.attention_backward(grad_out, q_rot, k_rot, v, out, lse, dq, dk, dv, positions, inv_freq,
+                                        cu_seqlens, cu_seqlens if cu_seqlens_k is None else cu_seqlens_k, scaling,
+                                        softmax_scale, causal, interleaved, exact, rotate)
+    if rotate and not k_rotated:  # dK w.r.t. the keys rotated here -> w.r.t. the unrotated keys, in place
+        triton_rope.rope_forward(dk, None, dk, None, positions, inv_freq, scaling, interleaved, True, exact)
 
 
 # ---------------------------------------------------------------------------------------------------- custom ops
@@ -212,10 +244,9 @@ def _rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
         out = torch.empty_like(q)
         _canonical(out, layout).copy_(out_c)
         return out, lse.contiguous()
-    _fused_supports(k_rotated, cu_seqlens_k, backend)
     out, lse = torch.empty_like(q), q.new_empty(_lse_shape(q, layout), dtype=torch.float32)
     fused_forward(backend, qc, kc, vc, _canonical(out, layout), lse, positions, inv_freq, cu_seqlens, scaling,
-                  softmax_scale, causal, interleaved, exact)
+                  softmax_scale, causal, interleaved, exact, cu_seqlens_k=cu_seqlens_k, k_rotated=k_rotated)
     return out, lse
 
 
@@ -223,12 +254,6 @@ def _rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
 def _(q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal, layout, interleaved,
       exact, k_rotated, backend):
     return torch.empty_like(q), q.new_empty(_lse_shape(q, layout), dtype=torch.float32)
-
-
-def _fused_supports(k_rotated: bool, cu_seqlens_k: torch.Tensor | None, backend: str) -> None:
-    if k_rotated or cu_seqlens_k is not None:
-        raise NotImplementedError(f"the fused {backend} kernels rotate q and k together: k_rotated=True (keys longer "
-                                  "than queries, cu_seqlens_k) runs on backend='torch' only for now")
 
 
 @torch.library.custom_op("ctxext::rope_attention_backward", mutates_args=())
@@ -246,10 +271,9 @@ def _rope_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
         for dst, grad in zip((dq, dk, dv), grads):
             _canonical(dst, layout).copy_(grad)
         return dq, dk, dv
-    _fused_supports(k_rotated, cu_seqlens_k, backend)
     fused_backward(backend, *(_canonical(x, layout) for x in (grad_out, q, k, v, out)), lse,
                    *(_canonical(x, layout) for x in (dq, dk, dv)), positions, inv_freq, cu_seqlens, scaling,
-                   softmax_scale, causal, interleaved, exact)
+                   softmax_scale, causal, interleaved, exact, cu_seqlens_k=cu_seqlens_k, k_rotated=k_rotated)
     return dq, dk, dv
 
 
@@ -345,8 +369,8 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_i
     backend = _pick(backend, q.device.type)
     head_dim = q.shape[-1]
     if backend == "triton":
-        if head_dim < 32 or head_dim & (head_dim - 1) or head_dim > 256:
-            raise ValueError(f"the fused Triton kernel takes head_dim 32, 64, 128 or 256, got {head_dim}")
+        if head_dim > 256:
+            raise ValueError(f"the fused Triton kernel takes head_dim up to 256, got {head_dim}")
     if backend == "cuda":
         if q.dtype not in _DTYPE_TAGS:
             raise TypeError(f"the fused CUDA kernel takes float16 or bfloat16, got {q.dtype}; use backend='triton'")
