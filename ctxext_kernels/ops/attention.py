@@ -28,7 +28,8 @@ def _cuda_status(device_type: str) -> tuple[bool, str]:
         return False, "the CUDA extension was built without csrc/attention (fused attention)"
     if device_type != "cuda":
         return False, "the CUDA fused attention needs CUDA tensors"
-    return True, "hand-written CUDA fused attention (WMMA tensor cores, sm_80+), float16/bfloat16, head_dim 64/128"
+    return True, ("hand-written CUDA FlashAttention-2 (mma.sync, ldmatrix, cp.async; sm_80+), float16/bfloat16, "
+                  "head_dim 64/128; opt-in: not yet run against the float64 oracle on a GPU")
 
 
 def attention_backends(device: str | torch.device | None = None) -> dict[str, tuple[bool, str]]:
@@ -47,7 +48,7 @@ def attention_backends(device: str | torch.device | None = None) -> dict[str, tu
 def _pick(backend: str | None, device_type: str) -> str:
     available = attention_backends(device_type)
     if backend is None:
-        # Triton is the tuned training path on GPUs; the CUDA kernels are the simple tensor-core reimplementation.
+        # Triton is the default on GPUs; the CUDA kernels stay opt-in until a GPU has run them against the oracle.
         return "triton" if device_type == "cuda" and available["triton"][0] else "torch"
     if backend not in available:
         raise ValueError(f"backend must be one of {tuple(available)} or None, got {backend!r}")
@@ -124,22 +125,66 @@ def _longest(q_canonical: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
 
 
-def _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal, interleaved,
-               exact, rotate):
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """x, or a dense copy when the CUDA kernels cannot stream its rows (contiguous, 16-byte aligned head rows)."""
+    if x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(stride % 8 == 0 for stride in x.stride()[:3]):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal,
+               interleaved, exact, rotate):
     """AttentionArgs of the CUDA launchers (canonical `[B, S, H, D]` views; see csrc/attention/attention.h)."""
     ext = cuda_ext._load()[0]
     args = ext.AttentionArgs()
     for name, x in (("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse), ("positions", positions),
-                    ("inv_freq", inv_freq), ("cu_seqlens", cu_seqlens)):
+                    ("inv_freq", inv_freq), ("cu_seqlens", cu_seqlens), ("cu_seqlens_k", cu_seqlens_k)):
         setattr(args, name, cuda_ext._view(x, ext))
     args.dtype = getattr(ext.DType, _DTYPE_TAGS[q.dtype])
     args.positions_int64 = positions.dtype == torch.int64
-    args.max_seqlen = _longest(q, cu_seqlens)
+    args.max_seqlen_q, args.max_seqlen_k = _longest(q, cu_seqlens), _longest(k, cu_seqlens_k)
     args.scaling, args.softmax_scale = float(scaling), float(softmax_scale)
     args.causal, args.interleaved, args.exact, args.rotate = causal, interleaved, exact, rotate
     args.device = q.device.index if q.device.index is not None else torch.cuda.current_device()
     args.stream = torch.cuda.current_stream(q.device).cuda_stream
     return ext, args
+
+
+def _cuda_forward(q, k_rot, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale,
+                  causal, interleaved, exact, rotate) -> None:
+    """The CUDA forward into out `[B, Sq, Hq, D]` and lse fp32 `[B, Sq, Hq]`.
+
+    q `[B, Sq, Hq, D]` goes in unrotated (the kernel rotates each Q tile by `positions` `[B, Sq]`), k_rot and v
+    `[B, Sk, Hk, D]` with the keys already rotated, Sk >= Sq; causal masking is aligned bottom-right (query i sees
+    keys j <= i + Sk - Sq). Packed batches (B == 1): int32 `cu_seqlens` / `cu_seqlens_k` `[N + 1]`, both or neither.
+    """
+    q, k_rot, v = _aligned(q), _aligned(k_rot), _aligned(v)  # named: the copies must outlive the launch
+    ext, args = _cuda_args(q, k_rot, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling,
+                           softmax_scale, causal, interleaved, exact, rotate)
+    ext.rope_attention_forward_cuda(args)
+
+
+def _cuda_backward(grad_out, q_rot, k_rot, v, out, lse, dq, dk_rot, dv, positions, inv_freq, cu_seqlens,
+                   cu_seqlens_k, scaling, softmax_scale, causal, interleaved, exact, rotate) -> None:
+    """The CUDA backward into dq (of the unrotated q: the kernel rotates it back), dk_rot (of the rotated keys) and
+    dv. Takes the queries rotated (q_rot; every dK/dV block reads each Q tile, so they are rotated once up front);
+    otherwise the arguments of `_cuda_forward`.
+    """
+    grad_out, q_rot, k_rot, v = (_aligned(x) for x in (grad_out, q_rot, k_rot, v))
+    ext, args = _cuda_args(q_rot, k_rot, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling,
+                           softmax_scale, causal, interleaved, exact, rotate)
+    # D_i = rowsum(dO * O): the softmax-Jacobian correction, one fp32 value per query row
+    delta = (grad_out.float() * out.float()).sum(-1)
+    for name, x in (("grad_out", grad_out), ("delta", delta), ("grad_q", dq), ("grad_k", dk_rot), ("grad_v", dv)):
+        setattr(args, name, cuda_ext._view(x, ext))
+    ext.rope_attention_backward_cuda(args)
+
+
+def _rope_cuda(x, positions, inv_freq, scaling, interleaved, exact, conjugate=False, out=None) -> torch.Tensor:
+    """x `[B, S, H, D]` rotated by the CUDA RoPE kernel (conjugate: by the negative angle) into out (default: new)."""
+    out = torch.empty_like(x) if out is None else out
+    cuda_ext.rope_forward(x, None, out, None, positions, inv_freq, scaling, interleaved, conjugate, exact)
+    return out
 
 
 def fused_forward(backend, q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
@@ -149,9 +194,10 @@ def fused_forward(backend, q, k, v, out, lse, positions, inv_freq, cu_seqlens, s
     `rotate=False` runs the same kernel without RoPE: the benchmark's measure of what the rotation costs.
     """
     if backend == "cuda":
-        ext, args = _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
-                               interleaved, exact, rotate)
-        ext.rope_attention_forward_cuda(args)
+        # The CUDA kernel takes rotated keys: k is rotated once here, with the RoPE kernel.
+        k_rot = _rope_cuda(k, positions, inv_freq, scaling, interleaved, exact) if rotate else k
+        _cuda_forward(q, k_rot, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens, scaling, softmax_scale,
+                      causal, interleaved, exact, rotate)
         return
     from . import triton_attention
 
@@ -163,14 +209,15 @@ def fused_backward(backend, grad_out, q, k, v, out, lse, dq, dk, dv, positions, 
                    softmax_scale, causal, interleaved, exact, rotate=True) -> None:
     """Run a fused backend's backward into dq, dk, dv (gradients of the unrotated q, k and of v; canonical views)."""
     if backend == "cuda":
-        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        ext, args = _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
-                               interleaved, exact, rotate)
-        # D_i = rowsum(dO * O): the softmax-Jacobian correction, one fp32 value per query row
-        delta = (grad_out.float() * out.float()).sum(-1)
-        for name, x in (("grad_out", grad_out), ("delta", delta), ("grad_q", dq), ("grad_k", dk), ("grad_v", dv)):
-            setattr(args, name, cuda_ext._view(x, ext))
-        ext.rope_attention_backward_cuda(args)
+        if rotate:
+            rope = dict(positions=positions, inv_freq=inv_freq, scaling=scaling, interleaved=interleaved, exact=exact)
+            q_rot, k_rot, dk_rot = _rope_cuda(q, **rope), _rope_cuda(k, **rope), torch.empty_like(dk)
+        else:
+            q_rot, k_rot, dk_rot = q, k, dk
+        _cuda_backward(grad_out, q_rot, k_rot, v, out, lse, dq, dk_rot, dv, positions, inv_freq, cu_seqlens,
+                       cu_seqlens, scaling, softmax_scale, causal, interleaved, exact, rotate)
+        if rotate:  # the gradient of the unrotated k: R^T, the rotation by the negative angle
+            _rope_cuda(dk_rot, **rope, conjugate=True, out=dk)
         return
     from . import triton_attention
 
