@@ -123,6 +123,26 @@ __device__ __forceinline__ bool needs_mask(const Params& p, const Span& s, int m
   return m0 + rows > s.q_len || n0 + cols > s.k_len || (p.causal && n0 + cols - 1 > m0 + s.diagonal());
 }
 
+// Scale a warp's C fragments of scores to base 2 and set the masked ones to -inf (exp2 makes them 0). The block's rows
+// start at row0 (16 per warp: lane/4 and lane/4 + 8 for this thread), its N columns at col0; kKeyRows: rows are keys
+// and columns queries (the dK/dV kernel's S^T), else rows are queries.
+template <bool kKeyRows, int N>
+__device__ __forceinline__ void scale_and_mask(float (&x)[N / 8][4], const Params& p, const Span& s, int row0,
+                                               int col0) {
+  const bool masked = kKeyRows ? needs_mask(p, s, col0, N, row0, kBlockM) : needs_mask(p, s, row0, kBlockM, col0, N);
+  const int lane = threadIdx.x % 32;
+  const int row = row0 + 16 * (threadIdx.x / 32) + lane / 4, col = col0 + 2 * (lane % 4);
+#pragma unroll
+  for (int nb = 0; nb < N / 8; ++nb) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      x[nb][e] *= p.scale_log2;
+      const int r = row + 8 * (e / 2), c = col + 8 * nb + e % 2;
+      if (masked && !(kKeyRows ? attends(p, s, c, r) : attends(p, s, r, c))) x[nb][e] = -INFINITY;
+    }
+  }
+}
+
 // Row `row` (from the sequence start) of head `head` of a [B, S, H, D] tensor; `key` picks the key token offset.
 __device__ __forceinline__ const void* row_address(const void* base, const int64_t (&stride)[3], const Span& s,
                                                    bool key, int row, int head) {
@@ -208,24 +228,14 @@ __global__ void __launch_bounds__(kThreads, 3) forward_kernel(const Params p) {
   // Rows lane/4 and lane/4 + 8 of this warp's 16: running max (scaled, base 2) and this thread's share of the sum.
   float o[D / 8][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
-  const int my_row0 = m0 + 16 * warp + lane / 4, my_col = 2 * (lane % 4);
+  const int my_row0 = m0 + 16 * warp + lane / 4;
   for (int j = 0; j < n_blocks; ++j) {
-    const int n0 = j * kN;
     wait_copies<0>();  // K_j
     __syncthreads();   // ... visible to every warp, and every warp is done with V_j-1
     load_keys(v_addr, p.v, p.v_stride, j);
     float x[kN / 8][4] = {};
     mma_shared_a<T, D, kN, false>(x, q_addr, 16 * warp, k_addr, kLd);  // S = Q K^T
-
-    const bool masked = needs_mask(p, s, m0, kBlockM, n0, kN);
-#pragma unroll
-    for (int nb = 0; nb < kN / 8; ++nb) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        x[nb][e] *= p.scale_log2;
-        if (masked && !attends(p, s, my_row0 + 8 * (e / 2), n0 + 8 * nb + my_col + e % 2)) x[nb][e] = -INFINITY;
-      }
-    }
+    scale_and_mask<false, kN>(x, p, s, m0, j * kN);
     // Online softmax: P = exp2(x - running max), the accumulator and sum rescaled by how much the max grew.
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -324,7 +334,6 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
   commit_copies();
 
   float dk[D / 8][4] = {}, dv[D / 8][4] = {};
-  const int my_key0 = n0 + 16 * warp + lane / 4, my_col = 2 * (lane % 4);
   for (int t = 0; t < steps; ++t) {
     const int m0 = m_begin + t % m_blocks * kM, buffer = t % 2;
     if (t + 1 < steps) load_step(t + 1);
@@ -339,17 +348,15 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const Params p) {
     mma_shared_a<T, D, kM, false>(st, base, 16 * warp, q_tile, kLd);             // S^T = K Q^T
     mma_shared_a<T, D, kM, false>(dpt, base + Smem::kV, 16 * warp, do_tile, kLd);  // dP^T = V dO^T
 
-    // Columns are queries here.
-    const bool masked = needs_mask(p, s, m0, kM, n0, kBlockM);
+    scale_and_mask<true, kM>(st, p, s, n0, m0);
 #pragma unroll
-    for (int nb = 0; nb < kM / 8; ++nb) {
-      const int c = 8 * nb + my_col;
+    for (int nb = 0; nb < kM / 8; ++nb) {  // columns are queries here
+      const int c = 8 * nb + 2 * (lane % 4);
       const float2 lse2 = *reinterpret_cast<const float2*>(lse + c);
       const float2 delta2 = *reinterpret_cast<const float2*>(delta + c);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const bool keep = !masked || attends(p, s, m0 + c + e % 2, my_key0 + 8 * (e / 2));
-        const float prob = keep ? exp2f(st[nb][e] * p.scale_log2 - (e % 2 ? lse2.y : lse2.x)) : 0.0f;
+        const float prob = exp2f(st[nb][e] - (e % 2 ? lse2.y : lse2.x));
         st[nb][e] = prob;
         dpt[nb][e] = prob * (dpt[nb][e] - (e % 2 ? delta2.y : delta2.x));
       }
@@ -404,7 +411,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Params p) {
   if (n_blocks > 0) load_kv(0);
   commit_copies();
 
-  const int my_row0 = m0 + 16 * warp + lane / 4, my_col = 2 * (lane % 4);
+  const int my_row0 = m0 + 16 * warp + lane / 4;
   float lse[2], delta[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -415,7 +422,6 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Params p) {
 
   float dq[D / 8][4] = {};
   for (int j = 0; j < n_blocks; ++j) {
-    const int n0 = j * kN;
     if (j + 1 < n_blocks) load_kv(j + 1);
     commit_copies();
     wait_copies<1>();
@@ -424,16 +430,11 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const Params p) {
     float x[kN / 8][4] = {}, dp[kN / 8][4] = {};
     mma_shared_a<T, D, kN, false>(x, q_addr, 16 * warp, k_tile, kLd);    // S = Q K^T
     mma_shared_a<T, D, kN, false>(dp, do_addr, 16 * warp, v_tile, kLd);  // dP = dO V^T
-    const bool masked = needs_mask(p, s, m0, kBlockM, n0, kN);
+    scale_and_mask<false, kN>(x, p, s, m0, j * kN);
 #pragma unroll
     for (int nb = 0; nb < kN / 8; ++nb) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int h = e / 2;
-        const bool keep = !masked || attends(p, s, my_row0 + 8 * h, n0 + 8 * nb + my_col + e % 2);
-        const float prob = keep ? exp2f(x[nb][e] * p.scale_log2 - lse[h]) : 0.0f;
-        x[nb][e] = prob * (dp[nb][e] - delta[h]);  // dS
-      }
+      for (int e = 0; e < 4; ++e) x[nb][e] = exp2f(x[nb][e] - lse[e / 2]) * (dp[nb][e] - delta[e / 2]);  // dS
     }
     mma_register_a<T, kN, D, true>(dq, x, k_tile, kLd);  // dQ += dS K
     __syncthreads();  // every warp is done with buffer j % 2 before step j + 1 refills it
