@@ -75,15 +75,25 @@ def _oracle(case, spec, q, k, v, pos, cu):
     inv_freq = spec.inv_freq_for(int(pos.max()) + 1)
     qr = rope_oracle(q, pos, inv_freq, spec.attention_scaling, case.interleaved)
     kr = rope_oracle(k, pos, inv_freq, spec.attention_scaling, case.interleaved)
-    group = case.q_heads // case.k_heads
-    kr, vr = kr.repeat_interleave(group, 2), v.to(torch.float64).repeat_interleave(group, 2)
-    scores = torch.einsum("bmhd,bnhd->bhmn", qr, kr) / math.sqrt(case.head_dim)
-    seq = q.shape[1]
+    return _attend(qr, kr, v.to(torch.float64), _keep(case, q.shape[1], cu))
+
+
+def _keep(case, seq, cu):
+    """`[S, S]` True where query m may attend to key n: same packed sequence, and n <= m when causal."""
     seg = torch.zeros(seq, dtype=torch.long) if cu is None else torch.bucketize(torch.arange(seq), cu[1:], right=True)
     keep = seg[:, None] == seg[None, :]
     if case.causal:
         keep &= torch.ones(seq, seq, dtype=torch.bool).tril()
-    return torch.einsum("bhmn,bnhd->bmhd", scores.masked_fill(~keep, float("-inf")).softmax(-1), vr)
+    return keep
+
+
+def _attend(qr, kr, v, keep):
+    """softmax(qr kr^T / sqrt(D)) v over the keys `keep` `[Sq, Sk]` allows, kv heads repeated for GQA; qr `[B, Sq, Hq,
+    D]`, kr and v `[B, Sk, Hk, D]`; every op in the inputs' dtype."""
+    group = qr.shape[2] // kr.shape[2]
+    scores = torch.einsum("bmhd,bnhd->bhmn", qr, kr.repeat_interleave(group, 2)) / math.sqrt(qr.shape[-1])
+    probs = scores.masked_fill(~keep, float("-inf")).softmax(-1)
+    return torch.einsum("bhmn,bnhd->bmhd", probs, v.repeat_interleave(group, 2))
 
 
 def _in_dtype(case, spec, q, k, v, pos, cu):
@@ -103,16 +113,7 @@ def _in_dtype(case, spec, q, k, v, pos, cu):
             y = x * cos + torch.cat((-x2, x1), -1) * sin
         return torch.cat((y, rest), -1)
 
-    group = case.q_heads // case.k_heads
-    qr, kr = rotate(q), rotate(k).repeat_interleave(group, 2)
-    scores = torch.einsum("bmhd,bnhd->bhmn", qr, kr) / math.sqrt(case.head_dim)
-    seq = q.shape[1]
-    seg = torch.zeros(seq, dtype=torch.long) if cu is None else torch.bucketize(torch.arange(seq), cu[1:], right=True)
-    keep = seg[:, None] == seg[None, :]
-    if case.causal:
-        keep &= torch.ones(seq, seq, dtype=torch.bool).tril()
-    probs = scores.masked_fill(~keep, float("-inf")).softmax(-1)
-    return torch.einsum("bhmn,bnhd->bmhd", probs, v.repeat_interleave(group, 2))
+    return _attend(rotate(q), rotate(k), v, _keep(case, q.shape[1], cu))
 
 
 def _run_in_dtype(case, q, k, v, pos, cu, spec, grad):
@@ -246,6 +247,10 @@ CUDA_CASES = [dataclasses.replace(c, head_dim=max(c.head_dim, 64)) for c in CASE
     Case("cuda multi-tile causal gqa", head_dim=128, q_heads=4, k_heads=1, batch=2, seq=200, max_position=100000),
     Case("cuda multi-tile varlen", head_dim=64, packed=(70, 1, 130), dtype=torch.float16),
     Case("cuda multi-tile full", head_dim=64, seq=150, causal=False),
+    Case("cuda interleaved fp16", head_dim=64, dtype=torch.float16, interleaved=True, max_position=2**20),
+    Case("cuda head 128 varlen full", head_dim=128, packed=(65, 3, 64), causal=False, max_position=9000),
+    Case("cuda head 128 multi-tile full fp16", head_dim=128, q_heads=2, k_heads=2, seq=130, causal=False,
+         dtype=torch.float16, rope=("default", {"partial_rotary_factor": 0.5})),
 ]
 
 
@@ -257,6 +262,97 @@ def test_gpu_forward_backward_match_float64(case, backend):
     if not torch.cuda.is_available() or not usable:
         pytest.skip(f"needs a GPU with the {backend} backend: {reason}")
     _check_against_float64(case, backend, "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class KvCase:
+    """Queries against a longer run of already rotated keys (a KV cache, a chunked prefill): per sequence q_lens[i]
+    queries at the last positions of k_lens[i] keys."""
+    why: str
+    q_lens: tuple
+    k_lens: tuple
+    packed: bool  # "thd" with cu_seqlens / cu_seqlens_k; else one batch of equal lengths
+    head_dim: int = 64
+    dtype: torch.dtype = torch.bfloat16
+    causal: bool = True
+    interleaved: bool = False
+    rotary_fraction: float = 1.0
+
+    def __str__(self):
+        return self.why.replace(" ", "-")
+
+
+KV_CASES = [
+    KvCase("decode chunk causal head 128", (5, 5), (70, 70), packed=False, head_dim=128),
+    KvCase("chunked prefill full fp16", (40,), (150,), packed=False, dtype=torch.float16, causal=False),
+    KvCase("varlen longer keys causal fp16", (3, 64, 1), (10, 64, 200), packed=True, dtype=torch.float16),
+    KvCase("varlen interleaved partial head 128", (17, 70), (17, 90), packed=True, head_dim=128, interleaved=True,
+           rotary_fraction=0.5),
+]
+
+
+def _kv_inputs(case: KvCase):
+    """q `[B, Sq, 4, D]`, rotated keys and v `[B, Sk, 2, D]` (in the case's dtype), query positions `[B, Sq]`,
+    inv_freq, cu_seqlens / cu_seqlens_k (or None) and the mask `[B, Sq, Sk]` (bottom-right causal per sequence)."""
+    g = torch.Generator().manual_seed(0)
+    spec = RopeSpec.from_params(case.head_dim, 10000.0, partial_rotary_factor=case.rotary_fraction)
+    batch = 1 if case.packed else len(case.q_lens)
+    sq, sk = (sum(case.q_lens), sum(case.k_lens)) if case.packed else (case.q_lens[0], case.k_lens[0])
+    q = torch.randn(batch, sq, 4, case.head_dim, generator=g)
+    k, v = (torch.randn(batch, sk, 2, case.head_dim, generator=g) for _ in range(2))
+    q_pos, k_pos, keep = torch.zeros(batch, sq, dtype=torch.long), torch.zeros(batch, sk, dtype=torch.long), \
+        torch.zeros(batch, sq, sk, dtype=torch.bool)
+    q0 = k0 = 0
+    for i, (nq, nk) in enumerate(zip(case.q_lens, case.k_lens)):
+        b = 0 if case.packed else i
+        start = 1000 * i  # the sequence's first position
+        k_pos[b, k0:k0 + nk] = start + torch.arange(nk)
+        q_pos[b, q0:q0 + nq] = start + nk - nq + torch.arange(nq)
+        seen = torch.ones(nq, nk, dtype=torch.bool)
+        keep[b, q0:q0 + nq, k0:k0 + nk] = seen.tril(nk - nq) if case.causal else seen
+        if case.packed:
+            q0, k0 = q0 + nq, k0 + nk
+    k_rot = rope_oracle(k, k_pos, spec.inv_freq, spec.attention_scaling, case.interleaved)
+    cu_q, cu_k = ((torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+                   for lens in (case.q_lens, case.k_lens)) if case.packed else (None, None))
+    return (*(x.to(case.dtype) for x in (q, k_rot, v)), q_pos, spec, cu_q, cu_k, keep[:, None])
+
+
+# The kernel interface below the op: rotated keys, Sk >= Sq aligned bottom-right, cu_seqlens_k. The op reaches it with
+# Sk == Sq only, so this calls the CUDA launchers of ops/attention.py directly -- on a GPU only.
+@pytest.mark.parametrize("case", KV_CASES, ids=str)
+def test_gpu_cuda_kernel_with_longer_rotated_keys(case):
+    usable, reason = attention_backends("cuda")["cuda"]
+    if not torch.cuda.is_available() or not usable:
+        pytest.skip(f"needs a GPU with the cuda backend: {reason}")
+    from ctxext_kernels.ops.attention import _cuda_backward, _cuda_forward, _rope_cuda
+
+    q, k_rot, v, pos, spec, cu_q, cu_k, keep = _kv_inputs(case)
+    scaling, interleaved = spec.attention_scaling, case.interleaved
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def reference(dtype):  # out, dq, dk, dv of rope(q) against k_rot, every op in `dtype`
+        leaves = [x.to(dtype).requires_grad_() for x in (q, k_rot, v)]
+        q_rot = rope_oracle(leaves[0], pos, spec.inv_freq, scaling, interleaved).to(dtype)
+        out = _attend(q_rot, leaves[1], leaves[2], keep)
+        out.backward(grad.to(dtype))
+        return [out.detach()] + [x.grad for x in leaves]
+
+    expected, baseline = reference(torch.float64), reference(case.dtype)
+    qc, kc, vc, gc = (x.to("cuda", case.dtype) for x in (q, k_rot, v, grad))
+    pos_c, inv_freq = pos.cuda(), spec.inv_freq.cuda()
+    cu_q, cu_k = (None if x is None else x.cuda() for x in (cu_q, cu_k))
+    flags = (scaling, 1.0 / math.sqrt(case.head_dim), case.causal, interleaved, True, True)
+    out, lse = torch.empty_like(qc), torch.empty(qc.shape[:3], device="cuda", dtype=torch.float32)
+    _cuda_forward(qc, kc, vc, out, lse, pos_c, inv_freq, cu_q, cu_k, *flags)
+    dq, dk, dv = torch.empty_like(qc), torch.empty_like(kc), torch.empty_like(vc)
+    q_rot = _rope_cuda(qc, pos_c, inv_freq, scaling, interleaved, True)
+    _cuda_backward(gc, q_rot, kc, vc, out, lse, dq, dk, dv, pos_c, inv_freq, cu_q, cu_k, *flags)
+    floor = {torch.float16: 1e-3, torch.bfloat16: 1e-2}[case.dtype]
+    for name, got, base, want in zip(("out", "dq", "dk_rot", "dv"), (out, dq, dk, dv), baseline, expected):
+        err = (got.cpu().double() - want).abs().max().item()
+        ref_err = (base.double() - want).abs().max().item()
+        assert err <= 2 * ref_err + floor, f"{name}: error {err:.3e} vs plain torch in {case.dtype} {ref_err:.3e}"
 
 
 def test_rotation_happens_inside():

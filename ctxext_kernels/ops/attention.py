@@ -14,6 +14,7 @@ import torch
 
 from . import checks, cuda_ext, reference
 from .rope import _canonical, _triton_status
+from .rope import _launcher as _rope_launcher
 from .spec import RopeSpec
 
 ATTENTION_BACKENDS = ("cuda", "triton", "torch")
@@ -29,7 +30,8 @@ def _cuda_status(device_type: str) -> tuple[bool, str]:
         return False, "the CUDA extension was built without csrc/attention (fused attention)"
     if device_type != "cuda":
         return False, "the CUDA fused attention needs CUDA tensors"
-    return True, "hand-written CUDA fused attention (WMMA tensor cores, sm_80+), float16/bfloat16, head_dim 64/128"
+    return True, ("hand-written CUDA FlashAttention-2 (mma.sync, ldmatrix, cp.async; sm_80+), float16/bfloat16, "
+                  "head_dim 64/128; opt-in: not yet run against the float64 oracle on a GPU")
 
 
 def attention_backends(device: str | torch.device | None = None) -> dict[str, tuple[bool, str]]:
@@ -48,7 +50,7 @@ def attention_backends(device: str | torch.device | None = None) -> dict[str, tu
 def _pick(backend: str | None, device_type: str) -> str:
     available = attention_backends(device_type)
     if backend is None:
-        # Triton is the tuned training path on GPUs; the CUDA kernels are the simple tensor-core reimplementation.
+        # Triton is the default on GPUs; the CUDA kernels stay opt-in until a GPU has run them against the oracle.
         return "triton" if device_type == "cuda" and available["triton"][0] else "torch"
     if backend not in available:
         raise ValueError(f"backend must be one of {tuple(available)} or None, got {backend!r}")
@@ -132,19 +134,26 @@ def _reference_attention_backward(grad_out, q, k, v, positions, inv_freq, cu_seq
 
 
 # ------------------------------------------------------------------------------------------ fused launchers
-def _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal, interleaved,
-               exact, rotate):
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """x, or a dense copy when the CUDA kernels cannot stream its rows (contiguous, 16-byte aligned head rows)."""
+    if x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(stride % 8 == 0 for stride in x.stride()[:3]):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal,
+               interleaved, exact, rotate):
     """AttentionArgs of the CUDA launchers (canonical `[B, S, H, D]` views; see csrc/attention/attention.h)."""
     ext = cuda_ext._load()[0]
     args = ext.AttentionArgs()
     for name, x in (("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse), ("positions", positions),
-                    ("inv_freq", inv_freq), ("cu_seqlens", cu_seqlens)):
+                    ("inv_freq", inv_freq), ("cu_seqlens", cu_seqlens), ("cu_seqlens_k", cu_seqlens_k)):
         setattr(args, name, cuda_ext._view(x, ext))
     args.dtype = getattr(ext.DType, _DTYPE_TAGS[q.dtype])
     args.positions_int64 = positions.dtype == torch.int64
-    # An upper bound of the longest sequence sizes the grid (blocks past a sequence's end return at once): the
-    # longest of cu_seqlens would cost a host sync on every call.
-    args.max_seqlen = q.shape[1]
+    # Upper bounds of the longest sequences size the grid (blocks past a sequence's end return at once): the exact
+    # longest of cu_seqlens / cu_seqlens_k would cost a host sync on every call.
+    args.max_seqlen_q, args.max_seqlen_k = q.shape[1], k.shape[1]
     args.scaling, args.softmax_scale = float(scaling), float(softmax_scale)
     args.causal, args.interleaved, args.exact, args.rotate = causal, interleaved, exact, rotate
     args.device = q.device.index if q.device.index is not None else torch.cuda.current_device()
@@ -152,19 +161,34 @@ def _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, soft
     return ext, args
 
 
-def _cuda_takes(k_rotated: bool, cu_seqlens_k: torch.Tensor | None) -> None:
-    if k_rotated or cu_seqlens_k is not None:
-        raise NotImplementedError("the fused CUDA kernels rotate q and k together: k_rotated=True (keys longer than "
-                                  "queries, cu_seqlens_k) runs on backend='triton' or 'torch'")
+def _cuda_forward(q, k_rot, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale,
+                  causal, interleaved, exact, rotate) -> None:
+    """The CUDA forward into out `[B, Sq, Hq, D]` and lse fp32 `[B, Sq, Hq]`.
+
+    q `[B, Sq, Hq, D]` goes in unrotated (the kernel rotates each Q tile by `positions` `[B, Sq]`), k_rot and v
+    `[B, Sk, Hk, D]` with the keys already rotated, Sk >= Sq; causal masking is aligned bottom-right (query i sees
+    keys j <= i + Sk - Sq). Packed batches (B == 1): int32 `cu_seqlens` / `cu_seqlens_k` `[N + 1]`, both or neither.
+    """
+    q, k_rot, v = _aligned(q), _aligned(k_rot), _aligned(v)  # named: the copies must outlive the launch
+    ext, args = _cuda_args(q, k_rot, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling,
+                           softmax_scale, causal, interleaved, exact, rotate)
+    ext.rope_attention_forward_cuda(args)
 
 
-def _rotated_keys(k, positions, inv_freq, scaling, interleaved, exact) -> torch.Tensor:
-    """k rotated once by the RoPE op's Triton kernel (Sk == Sq: the queries' positions are the keys')."""
-    from . import triton_rope
-
-    k_rot = torch.empty_like(k)
-    triton_rope.rope_forward(k, None, k_rot, None, positions, inv_freq, scaling, interleaved, False, exact)
-    return k_rot
+def _cuda_backward(grad_out, q_rot, k_rot, v, out, lse, dq, dk_rot, dv, positions, inv_freq, cu_seqlens,
+                   cu_seqlens_k, scaling, softmax_scale, causal, interleaved, exact, rotate) -> None:
+    """The CUDA backward into dq (of the unrotated q: the kernel rotates it back), dk_rot (of the rotated keys) and
+    dv. Takes the queries rotated (q_rot; every dK/dV block reads each Q tile, so they are rotated once up front);
+    otherwise the arguments of `_cuda_forward`.
+    """
+    grad_out, q_rot, k_rot, v = (_aligned(x) for x in (grad_out, q_rot, k_rot, v))
+    ext, args = _cuda_args(q_rot, k_rot, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling,
+                           softmax_scale, causal, interleaved, exact, rotate)
+    # D_i = rowsum(dO * O): the softmax-Jacobian correction, one fp32 value per query row
+    delta = (grad_out.float() * out.float()).sum(-1)
+    for name, x in (("grad_out", grad_out), ("delta", delta), ("grad_q", dq), ("grad_k", dk_rot), ("grad_v", dv)):
+        setattr(args, name, cuda_ext._view(x, ext))
+    ext.rope_attention_backward_cuda(args)
 
 
 def fused_forward(backend, q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
@@ -172,23 +196,23 @@ def fused_forward(backend, q, k, v, out, lse, positions, inv_freq, cu_seqlens, s
     """Run a fused backend's forward into out `[B,Sq,Hq,D]` and lse fp32 `[B,Sq,Hq]` (canonical views).
 
     q `[B,Sq,Hq,D]` is unrotated; k, v `[B,Sk,Hk,D]`: k unrotated at the queries' positions (Sk == Sq), or already
-    rotated (`k_rotated`: Sk >= Sq, packed keys delimited by `cu_seqlens_k`, default `cu_seqlens`). Triton rotates
-    unrotated keys once here with the RoPE kernel, then its attention kernel rotates only Q, once per Q tile.
+    rotated (`k_rotated`: Sk >= Sq, packed keys delimited by `cu_seqlens_k`, default `cu_seqlens`). Unrotated keys
+    are rotated once here by the backend's RoPE kernel; the attention kernel then rotates only Q, once per Q tile.
     `rotate=False` runs the same kernels without RoPE: the benchmark's measure of what the rotation costs.
     """
+    if rotate and not k_rotated:
+        k_rot = torch.empty_like(k)
+        _rope_launcher(backend)(k, None, k_rot, None, positions, inv_freq, scaling, interleaved, False, exact)
+        k = k_rot
+    cu_seqlens_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     if backend == "cuda":
-        _cuda_takes(k_rotated, cu_seqlens_k)
-        ext, args = _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
-                               interleaved, exact, rotate)
-        ext.rope_attention_forward_cuda(args)
+        _cuda_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal,
+                      interleaved, exact, rotate)
         return
     from . import triton_attention
 
-    if rotate and not k_rotated:
-        k = _rotated_keys(k, positions, inv_freq, scaling, interleaved, exact)
-    triton_attention.attention_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens,
-                                       cu_seqlens if cu_seqlens_k is None else cu_seqlens_k, scaling, softmax_scale,
-                                       causal, interleaved, exact, rotate)
+    triton_attention.attention_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling,
+                                       softmax_scale, causal, interleaved, exact, rotate)
 
 
 def fused_backward(backend, grad_out, q, k, v, out, lse, dq, dk, dv, positions, inv_freq, cu_seqlens, scaling,
@@ -197,32 +221,29 @@ def fused_backward(backend, grad_out, q, k, v, out, lse, dq, dk, dv, positions, 
     """Run a fused backend's backward into dq, dk, dv: gradients of the unrotated q, of k as it came in (unrotated,
     or rotated with `k_rotated`) and of v; arguments as `fused_forward`.
 
-    Triton: q (and unrotated k) are rotated once by the RoPE kernel; the dQ kernel rotates dQ back in its epilogue;
-    dK of keys rotated here is rotated back by the RoPE kernel (the angle negated).
+    q (and unrotated k) are rotated once by the backend's RoPE kernel (every dK/dV block reads each Q tile); the dQ
+    kernel rotates dQ back in its epilogue; dK of keys rotated here is rotated back in place by the RoPE kernel (the
+    angle negated: the rotation's transpose).
     """
-    if backend == "cuda":
-        _cuda_takes(k_rotated, cu_seqlens_k)
-        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        ext, args = _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
-                               interleaved, exact, rotate)
-        # D_i = rowsum(dO * O): the softmax-Jacobian correction, one fp32 value per query row
-        delta = (grad_out.float() * out.float()).sum(-1)
-        for name, x in (("grad_out", grad_out), ("delta", delta), ("grad_q", dq), ("grad_k", dk), ("grad_v", dv)):
-            setattr(args, name, cuda_ext._view(x, ext))
-        ext.rope_attention_backward_cuda(args)
-        return
-    from . import triton_attention, triton_rope
-
+    rope = _rope_launcher(backend)
+    rotate_k = rotate and not k_rotated
     q_rot, k_rot = q, k
     if rotate:  # one RoPE launch for both: cos/sin once per token
-        q_rot, k_rot = torch.empty_like(q), k if k_rotated else torch.empty_like(k)
-        triton_rope.rope_forward(q, None if k_rotated else k, q_rot, None if k_rotated else k_rot, positions,
-                                 inv_freq, scaling, interleaved, False, exact)
-    triton_attention.attention_backward(grad_out, q_rot, k_rot, v, out, lse, dq, dk, dv, positions, inv_freq,
-                                        cu_seqlens, cu_seqlens if cu_seqlens_k is None else cu_seqlens_k, scaling,
-                                        softmax_scale, causal, interleaved, exact, rotate)
-    if rotate and not k_rotated:  # dK w.r.t. the keys rotated here -> w.r.t. the unrotated keys, in place
-        triton_rope.rope_forward(dk, None, dk, None, positions, inv_freq, scaling, interleaved, True, exact)
+        q_rot, k_rot = torch.empty_like(q), torch.empty_like(k) if rotate_k else k
+        rope(q, k if rotate_k else None, q_rot, k_rot if rotate_k else None, positions, inv_freq, scaling, interleaved,
+             False, exact)
+    cu_seqlens_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    if backend == "cuda":
+        _cuda_backward(grad_out, q_rot, k_rot, v, out, lse, dq, dk, dv, positions, inv_freq, cu_seqlens, cu_seqlens_k,
+                       scaling, softmax_scale, causal, interleaved, exact, rotate)
+    else:
+        from . import triton_attention
+
+        triton_attention.attention_backward(grad_out, q_rot, k_rot, v, out, lse, dq, dk, dv, positions, inv_freq,
+                                            cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal, interleaved,
+                                            exact, rotate)
+    if rotate_k:
+        rope(dk, None, dk, None, positions, inv_freq, scaling, interleaved, True, exact)
 
 
 # ---------------------------------------------------------------------------------------------------- custom ops
