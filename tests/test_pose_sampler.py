@@ -116,11 +116,12 @@ def test_determinism_and_exact_resume():
 def test_collator_batches_and_packing():
     docs = [document(200) for _ in range(4)]
     batch = PoseCollator(PoseSampler(16, 64, seed=0))(docs)
-    assert {k: tuple(v.shape) for k, v in batch.items()} == {k: (4, 16) for k in ("input_ids", "labels", "position_ids")}
-    assert torch.equal(batch["labels"], batch["input_ids"])
+    keys = ("input_ids", "labels", "position_ids", "attention_mask")
+    assert {k: tuple(v.shape) for k, v in batch.items()} == {k: (4, 16) for k in keys}
+    assert torch.equal(batch["labels"], batch["input_ids"]) and bool((batch["attention_mask"] == 1).all())
 
     packed = PoseCollator(PoseSampler(16, 64, seed=0), samples_per_row=2)(docs)
-    assert packed["input_ids"].shape == (2, 32)
+    assert packed["input_ids"].shape == (2, 32) and "attention_mask" not in packed
     assert torch.equal(packed["input_ids"].reshape(4, 16), batch["input_ids"])
     assert torch.equal(packed["position_ids"][:, 16], torch.zeros(2, dtype=torch.long))  # restart at every sample
     assert (packed["labels"][:, 16] == -100).all() and (packed["labels"][:, :16] >= 0).all()

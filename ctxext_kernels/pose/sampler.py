@@ -199,12 +199,20 @@ class PoseSampler:
 
 
 class PoseCollator:
-    """Turn documents into training batches `{input_ids, labels, position_ids}`, each `[B, samples_per_row * L]`.
+    """Turn documents into training batches `{input_ids, labels, position_ids[, attention_mask]}`, each
+    `[B, samples_per_row * L]`.
+
+    One sample per row (the default) comes with an all-ones `attention_mask`, and it is not decoration: transformers
+    >= 5, given position ids but no mask and no cache (i.e. in training), reads every place where the ids do not step
+    by one as the start of another packed sequence and blocks attention across it, which would cut each PoSE chunk off
+    from the chunks before it. With the mask each row is one causal sequence.
 
     With `samples_per_row > 1` consecutive samples are packed into one row; the position ids restart with every sample
     (each PoSE sample starts at position 0) and the first label of every packed sample after the first is -100, so no
-    token is trained to predict the start of an unrelated sample. Attention only stays within a sample when the
-    attention backend splits rows at those restarts (packed flash-attention does; plain SDPA does not).
+    token is trained to predict the start of an unrelated sample. Such rows get no mask: attention must stay within a
+    sample but cross PoSE's skips, which only a backend that splits rows at restarts alone does
+    (`attn_implementation="ctxext"` on a batch of one row, or flash-attention with `cu_seqlens`); stock transformers
+    5 splits at the skips too.
 
     Parameters
     ----------
@@ -230,5 +238,8 @@ class PoseCollator:
         if self.samples_per_row > 1:
             labels.view(-1, self.samples_per_row, labels.shape[-1])[:, 1:, 0] = -100
         rows = len(documents) // self.samples_per_row
-        return {"input_ids": input_ids.reshape(rows, -1), "labels": labels.reshape(rows, -1),
-                "position_ids": position_ids.reshape(rows, -1)}
+        batch = {"input_ids": input_ids.reshape(rows, -1), "labels": labels.reshape(rows, -1),
+                 "position_ids": position_ids.reshape(rows, -1)}
+        if self.samples_per_row == 1:
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        return batch
