@@ -2,7 +2,9 @@
 
 LLaMA-7B/8B shapes: head_dim 128, 32 q heads, 8 (LLaMA-3 8B) or 32 (LLaMA-2 7B) kv heads, bf16, 4k-256k tokens
 (batch x 8k sequences above 8k), plus one decode token. q and k are `[B, H, S, D]` views of `[B, S, H, D]` projections,
-as a transformers attention layer hands them over.
+as a transformers attention layer hands them over. Largest case first, the decode token last: a sweep cut short by
+`--time-budget` has the bandwidth-bound sizes that matter most. `--quick` (stage 1 of benchmarks/run_all.sh) measures
+256k, 64k, 16k, 4k and decode without the torch.compile peer, whose first compile alone takes 30-60 s.
 
 Providers
 ---------
@@ -12,7 +14,7 @@ Providers
   the public call is visible at decode sizes (`wall_ms_*` columns: back-to-back calls, host time included).
 - hf-eager: transformers' `LlamaRotaryEmbedding` (cos/sin from the position ids) + `apply_rotary_pos_emb`, the same
   work as ours; hf-apply: `apply_rotary_pos_emb` alone with the table precomputed (the per-layer cost when one table is
-  shared by all layers); hf-compiled: `torch.compile` of hf-eager.
+  shared by all layers); hf-compiled: `torch.compile` of hf-eager (full sweep only).
 - liger / flash-attn: Liger-Kernel's and flash-attn's Triton rotary, when importable (else recorded as skipped).
 - copy: `copy_` of q and k into preallocated outputs, the bandwidth ceiling.
 
@@ -23,7 +25,7 @@ Bytes counted: read q and k once, write q and k once, read the position ids (fwd
 one more rotation of the gradients). GB/s = bytes / median time; pct_of_copy = GB/s / copy's GB/s at the same shape.
 
     python benchmarks/bench_rope.py            # full sweep on a GPU
-    python benchmarks/bench_rope.py --quick    # fewer token counts (one 10-minute GPU command)
+    python benchmarks/bench_rope.py --quick    # fewer token counts, no torch.compile (stage 1 on a lent GPU)
     python benchmarks/bench_rope.py --smoke    # seconds, on the CPU (cpu/torch backends)
 """
 
@@ -44,6 +46,7 @@ import ctxext_kernels as ck  # noqa: E402
 
 SEQ_PER_SEQUENCE = 8192  # above this many tokens, the batch grows instead of the sequence
 ORACLE_TOKENS = 512  # tokens checked against the float64 oracle (the largest positions of the case)
+MAX_MS = 1000.0  # cap on one measurement's timed loop (harness.time_ms): the slow peers at 256k tokens
 
 
 @dataclasses.dataclass
@@ -114,15 +117,16 @@ def _hf_apply(x: Inputs):
 def _compiled_hf_rope(rotary: torch.nn.Module) -> Callable:
     """`torch.compile` of LlamaRotaryEmbedding + apply_rotary_pos_emb, compiled once for the whole sweep.
 
-    Default (automatic dynamic) shapes, as a model is compiled in practice: the second shape seen recompiles with
-    dynamic sizes and later shapes reuse that graph, so the sweep pays a handful of compiles, not one per case.
+    Dynamic shapes from the first call (`dynamic=True`), as a model serving many lengths is compiled: one compile
+    serves every case (the decode token may add one), instead of a static graph for the first shape and a dynamic
+    recompile at the second.
     """
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     def rope(q, k, positions):
         cos, sin = rotary(q, positions)
         return apply_rotary_pos_emb(q, k, cos, sin)
-    return torch.compile(rope)
+    return torch.compile(rope, dynamic=True)
 
 
 def _hf_compiled(x: Inputs):
@@ -155,8 +159,9 @@ def _copy(x: Inputs):
 FORWARD_ONLY = {"copy", "ctxext-cuda-raw", "ctxext-triton-raw", "ctxext-cpu-raw"}  # no autograd through these
 
 
-def providers(device: str, smoke: bool) -> dict[str, Provider]:
-    """The providers that make sense on `device` (peers that are not installed are kept: they record why)."""
+def providers(device: str, full: bool) -> dict[str, Provider]:
+    """The providers that make sense on `device` (peers that are not installed are kept: they record why); `full`
+    adds the torch.compile peer."""
     table: dict[str, Provider] = {"copy": _copy}
     if device == "cuda":
         table.update({"ctxext-cuda": _public("cuda"), "ctxext-cuda-raw": _raw("cuda"),
@@ -164,7 +169,7 @@ def providers(device: str, smoke: bool) -> dict[str, Provider]:
     else:
         table.update({"ctxext-cpu": _public("cpu"), "ctxext-cpu-raw": _raw("cpu"), "ctxext-torch": _public("torch")})
     table.update({"hf-eager": _hf_eager, "hf-apply": _hf_apply})
-    if not smoke:
+    if full:
         table["hf-compiled"] = _hf_compiled
     if device == "cuda":
         table.update({"flash-attn": _flash_attn, "liger": _liger})  # liger last: it overwrites its inputs
@@ -231,7 +236,7 @@ def with_backward(forward: Callable[[], object], x: Inputs) -> Callable[[], obje
 
 
 def measure_provider(name: str, factory: Provider, x: Inputs, case: dict, expected, moved: int, repeats: int,
-                     device: str) -> harness.Result:
+                     device: str, max_ms: float | None = None) -> harness.Result:
     """One provider on one case: build its callable, check its first forward output against the oracle (fwd rows),
     time it. A peer that is not installed, rejects the shape or fails on its first call becomes a skipped row."""
     fwd = case["mode"] == "fwd"
@@ -240,11 +245,11 @@ def measure_provider(name: str, factory: Provider, x: Inputs, case: dict, expect
         # the first call, before timing: Liger (last) is then still rotating the original inputs
         error = max_error(forward(), expected) if fwd and name != "copy" else None
     except Exception as exc:  # noqa: BLE001 - the reason goes into the table
-        return harness.skipped("rope", name, case, f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+        return harness.skipped("rope", name, case, harness.failure(exc))
     fn = forward if fwd else with_backward(forward, x)
     # at one token the launch and Python overhead is the whole cost: time back-to-back calls too
     result = harness.measure("rope", name, case, fn, repeats=repeats, bytes_moved=moved, wall=case["tokens"] == 1,
-                             device=device)
+                             device=device, max_ms=max_ms)
     if error is not None and not result.skipped:
         result.metrics["max_err"] = error
     return result
@@ -256,7 +261,7 @@ def main(argv=None) -> None:
     if args.smoke:
         torch.set_num_threads(1)  # a busy 2-core CI machine makes thread-pool wake-ups dominate tiny CPU timings
     try:
-        print(f"results in {run(args)}")
+        run(args)
     finally:
         torch.set_num_threads(threads)
 
@@ -267,42 +272,47 @@ def run(args) -> Path:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     q_heads, head_dim = (32, 128) if not args.smoke else (4, 64)
     if args.smoke:
-        token_counts, kv_options = [1, 256], (1, 4)
+        token_counts, kv_options = [256, 1], (4, 1)
     elif args.quick:
-        token_counts, kv_options = [1, 4096, 16384, 65536, 262144], (8, 32)
+        token_counts, kv_options = [262144, 65536, 16384, 4096, 1], (8, 32)
     else:
-        token_counts, kv_options = [1, 4096, 8192, 16384, 32768, 65536, 131072, 262144], (8, 32)
+        token_counts, kv_options = [262144, 131072, 65536, 32768, 16384, 8192, 4096, 1], (8, 32)
     repeats = args.repeats or (5 if args.smoke else 50)
-    table = providers(device, args.smoke)
+    table = providers(device, full=not (args.smoke or args.quick))
     torch.manual_seed(0)
-    results: list[harness.Result] = []
-    # token counts outermost: a sweep cut short by --time-budget still covers both kv-head counts and both modes
-    cases = [(kv, n, mode) for n in token_counts for kv in kv_options for mode in ("fwd", "fwd+bwd")]
-    deadline = harness.Deadline(args.time_budget)
-    for kv_heads, tokens, mode in harness.progress(cases, "rope"):
-        case = {"tokens": tokens, "kv_heads": kv_heads, "mode": mode}
-        if deadline.expired():
-            results.append(harness.skipped("rope", "all", case, deadline.reason()))
-            continue
-        x = make_inputs(tokens, kv_heads, q_heads, head_dim, dtype, device, requires_grad=mode == "fwd+bwd")
-        moved = bytes_moved(x) * (1 if mode == "fwd" else 2)
-        expected = oracle(x) if mode == "fwd" else None
-        for name, factory in table.items():
-            if mode == "fwd+bwd" and name in FORWARD_ONLY:
-                continue
-            results.append(measure_provider(name, factory, x, case, expected, moved, repeats, device))
+    # token counts outermost, largest first: a sweep cut short still covers both kv-head counts and both modes
+    cases = [{"tokens": n, "kv_heads": kv, "mode": mode} for n in token_counts for kv in kv_options
+             for mode in ("fwd", "fwd+bwd")]
+
+    def wanted(case):
+        return [name for name in table if case["mode"] == "fwd" or name not in FORWARD_ONLY]
+
+    report = harness.Report(
+        harness.report_name("bench_rope", args),
+        {"dtype": str(dtype), "q_heads": q_heads, "head_dim": head_dim, "rope_theta": 500000.0,
+         "repeats": repeats, "max_ms": MAX_MS, "smoke": args.smoke, "quick": args.quick,
+         "layout": "bhsd views of bshd"},
+        args.output, [(case, name) for case in cases for name in wanted(case)], time_budget=args.time_budget,
+        device=device, x="tokens", y="gbps", panels=("kv_heads", "mode"),
+        columns=("ms_p50", "ms_p20", "ms_p80", "gbps", "pct_of_copy", "pct_of_peak", "wall_ms_p50", "max_err"),
+        # fwd+bwd moves twice the bytes of fwd and is held to the same copy bandwidth
+        derive=lambda rows: harness.add_relative(rows, "copy", "gbps", ("tokens", "kv_heads"), name="pct_of_copy"))
+    for case in cases:
+        if report.expired():
+            break
+        x = make_inputs(case["tokens"], case["kv_heads"], q_heads, head_dim, dtype, device,
+                        requires_grad=case["mode"] == "fwd+bwd")
+        moved = bytes_moved(x) * (1 if case["mode"] == "fwd" else 2)
+        expected = oracle(x) if case["mode"] == "fwd" else None
+        for name in wanted(case):
+            if report.expired():
+                break
+            report.add(measure_provider(name, table[name], x, case, expected, moved, repeats, device,
+                                        max_ms=None if args.smoke else MAX_MS))
         del x
         if device == "cuda":
             torch.cuda.empty_cache()
-    # fwd+bwd moves twice the bytes of fwd and is held to the same copy bandwidth
-    harness.add_relative(results, "copy", "gbps", ("tokens", "kv_heads"), name="pct_of_copy")
-    return harness.write_report(
-        "bench_rope", results,
-        {"dtype": str(dtype), "q_heads": q_heads, "head_dim": head_dim, "rope_theta": 500000.0,
-         "repeats": repeats, "smoke": args.smoke, "quick": args.quick, "layout": "bhsd views of bshd"},
-        args.output, x="tokens", y="gbps", panels=("kv_heads", "mode"),
-        columns=("ms_p50", "ms_p20", "ms_p80", "gbps", "pct_of_copy", "pct_of_peak", "wall_ms_p50", "max_err"),
-        device=device)
+    return report.finish()
 
 
 if __name__ == "__main__":

@@ -1,23 +1,31 @@
 """The one benchmark harness: timing, peak memory, device description, results, and the JSON/markdown/PNG writers.
 
-Every benchmark script builds a list of `Result`s with `measure(...)` and hands them to `write_report(...)`; all share
-`parser(...)`'s flags (`--smoke`, `--quick`, `--output`, `--repeats`), so they have the same `--help`.
+Every benchmark script declares the rows it plans to measure (case x provider) in a `Report`, measures them with
+`measure(...)` (largest case first where that is what matters) and `add`s each `Result`: the report (JSON + markdown)
+is rewritten after every row, rows not measured yet read "not run", and `finish()` adds the PNG. A run cut short by
+`--time-budget`, or killed, still leaves a complete table. All scripts share `parser(...)`'s flags (`--smoke`,
+`--quick`, `--output`, `--repeats`, `--time-budget`), so they have the same `--help`.
 
 Timing
 ------
 - GPU (`device="cuda"`): CUDA events around each call, with L2 flushed before every call (a 256 MiB memset, more than
   any current L2) so a kernel never reads its inputs from a warm cache; quantiles p20/p50/p80 over exactly `repeats`
   calls, after `warmup` untimed calls (compilation, autotuning, allocator warm-up stay out). This is what
-  `triton.testing.do_bench` does, but with a fixed repeat count instead of a time budget. The events measure *device*
-  time: the host overhead of a call hides behind the flush, so `measure(..., wall=True)` also reports the per-call
-  wall-clock time of back-to-back calls (`wall_ms_*`), which is what a caller that launches one call after another
-  (decode) sees and where Python overhead shows.
+  `triton.testing.do_bench` does, but with a fixed repeat count instead of a time budget. `max_ms` caps the timed loop
+  of slow calls (never fewer than 3 calls), so one 64k-token attention case cannot eat a GPU session's budget. The
+  events measure *device* time: the host overhead of a call hides behind the flush, so `measure(..., wall=True)` also
+  reports the per-call wall-clock time of back-to-back calls (`wall_ms_*`), which is what a caller that launches one
+  call after another (decode) sees and where Python overhead shows.
 - CPU (`device="cpu"`): `time.perf_counter` around each call, same warm-up and quantiles, so every script has a
   seconds-long `--smoke` mode on a machine without a GPU.
 
 Derived metrics: `gbps(bytes, ms)` (achieved bandwidth, bytes read + written once each), `tflops(flops, ms)`,
 `add_relative(...)` (% of a reference provider such as a `copy_` of the same bytes) and `pct_of_peak` (% of the
 datasheet bandwidth, where `device_info()` knows it).
+
+Models: `random_llama(...)` builds the random-initialised LLaMA stacks the model-level scripts time, e.g. with
+`SMOLLM2_135M`'s shape (the bundled GGUF is 94 MB and cannot travel to a lent GPU machine; speed and memory depend on
+the shape, not on the weights).
 """
 
 from __future__ import annotations
@@ -25,13 +33,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import importlib.metadata
 import json
+import math
+import os
 import platform
 import re
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
@@ -45,6 +56,17 @@ PEAK_GBPS = (
     ("B200", 8000.0), ("A100 80GB PCIe", 1935.0), ("A100-SXM4-80GB", 2039.0), ("A100", 1555.0),
     ("L40S", 864.0), ("L4", 300.0), ("RTX 4090", 1008.0), ("A10G", 600.0),
 )
+MIN_REPEATS = 3  # the fewest timed calls behind a quantile, whatever `max_ms` allows
+# SmolLM2-135M's shape, read from the bundled GGUF's metadata (llama.* keys; no output tensor: tied embeddings)
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, head_dim=64, vocab_size=49152, rope_theta=100000.0,
+                    max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True)
+# LLaMA-3-8B's layer shape (stack as few layers as the GPU's memory and the time allow)
+LLAMA3_8B_LAYER = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                       head_dim=128, vocab_size=32000, rope_theta=500000.0)
+# a 2-layer toy for --smoke: seconds on a CPU
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512)
 
 
 @dataclasses.dataclass
@@ -109,8 +131,15 @@ def device_info(device: str | None = None) -> dict:
     ----------
     device : {"cuda", "cpu"} or None
         The device the benchmark ran on; None means CUDA when torch sees a GPU, else the CPU.
+
+    The description (and its `date`, the run's start) is taken once per process and device: reports are rewritten
+    after every row.
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return dict(_device_info(device or _default_device()))
+
+
+@functools.cache
+def _device_info(device: str) -> dict:
     info = {"torch": torch.__version__, "triton": _version("triton"), "transformers": _version("transformers"),
             "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -144,7 +173,7 @@ def _default_device() -> str:
 
 
 def time_ms(fn: Callable[[], object], repeats: int = 50, warmup: int = 5, *, device: str | None = None,
-            flush_l2: bool = True) -> dict[str, float]:
+            flush_l2: bool = True, max_ms: float | None = None) -> dict[str, float]:
     """Quantiles of one call's time in milliseconds.
 
     Parameters
@@ -157,6 +186,9 @@ def time_ms(fn: Callable[[], object], repeats: int = 50, warmup: int = 5, *, dev
         Where `fn` runs (None: CUDA when available). CUDA uses events (device time), CPU `time.perf_counter`.
     flush_l2 : bool
         CUDA only: zero `L2_FLUSH_BYTES` before every timed call.
+    max_ms : float or None
+        Cap on the timed loop: one probe call (timed after the warm-up) sets the repeats to
+        `max(MIN_REPEATS, min(repeats, max_ms // probe))`. None: exactly `repeats`.
 
     Returns
     -------
@@ -168,6 +200,14 @@ def time_ms(fn: Callable[[], object], repeats: int = 50, warmup: int = 5, *, dev
     device = device or _default_device()
     for _ in range(warmup):
         fn()
+    if max_ms is not None:
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        probe_ms = (time.perf_counter() - start) * 1e3
+        repeats = max(min(repeats, MIN_REPEATS), min(repeats, math.floor(max_ms / max(probe_ms, 1e-6))))
     if device != "cuda":
         samples = []
         for _ in range(repeats):
@@ -236,15 +276,16 @@ def tflops(flops: float, ms: float) -> float:
 
 def measure(benchmark: str, provider: str, case: dict, fn: Callable[[], object], *, repeats: int = 50,
             warmup: int = 5, bytes_moved: float | None = None, flops: float | None = None, memory: bool = False,
-            wall: bool = False, device: str | None = None) -> Result:
-    """Time `fn`; optionally its peak memory and back-to-back wall time; derive GB/s and TFLOP/s from the median.
+            wall: bool = False, device: str | None = None, max_ms: float | None = None) -> Result:
+    """Time `fn` (`time_ms`, with `max_ms`); optionally its peak memory and back-to-back wall time; derive GB/s and
+    TFLOP/s from the median.
 
     A provider that fails (out of memory, unsupported shape, a peer's compile error) is recorded as skipped with the
     exception's type and first line, never raised: the table shows the reason next to the other providers.
     """
     device = device or _default_device()
     try:
-        metrics = time_ms(fn, repeats, warmup, device=device)
+        metrics = time_ms(fn, repeats, warmup, device=device, max_ms=max_ms)
         if wall:
             metrics.update(wall_ms(fn, device=device))
         if memory:
@@ -252,8 +293,7 @@ def measure(benchmark: str, provider: str, case: dict, fn: Callable[[], object],
     except Exception as exc:  # noqa: BLE001 - any failure of a provider becomes a recorded skip reason
         if device == "cuda":
             torch.cuda.empty_cache()
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-        return Result(benchmark, provider, case, skipped=f"{type(exc).__name__}: {first_line}".rstrip(": "))
+        return Result(benchmark, provider, case, skipped=failure(exc))
     if bytes_moved is not None:
         metrics["gbps"] = gbps(bytes_moved, metrics["ms_p50"])
         peak = peak_bandwidth_gbps(torch.cuda.get_device_name(0)) if device == "cuda" else None
@@ -262,6 +302,12 @@ def measure(benchmark: str, provider: str, case: dict, fn: Callable[[], object],
     if flops is not None:
         metrics["tflops"] = tflops(flops, metrics["ms_p50"])
     return Result(benchmark, provider, case, metrics)
+
+
+def failure(exc: BaseException) -> str:
+    """A skip reason from an exception: its type and the first line of its message (at most 200 characters)."""
+    first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"{type(exc).__name__}: {first_line}".rstrip(": ")
 
 
 def skipped(benchmark: str, provider: str, case: dict, reason: str) -> Result:
@@ -293,72 +339,179 @@ def parser(description: str) -> argparse.ArgumentParser:
                    help="results folder (default: benchmarks/results/<device-slug>/)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default: per script)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="start no new case after this many seconds; the cases left are recorded as not run and the "
-                        "report is still written (benchmarks/run_all.sh uses it to fit a 10-minute command)")
+                   help="start no new row after this many seconds from the script's start (imports included); the "
+                        "first row always runs, the rows left are recorded as not run, and the report is written "
+                        "either way (benchmarks/run_all.sh gives each script its share of a GPU command this way)")
     return p
 
 
+def process_age() -> float:
+    """Seconds since this process started (Linux: /proc; elsewhere 0), so a time budget counts the imports too."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 class Deadline:
-    """`--time-budget` for a sweep: `expired()` once `seconds` have passed since creation (never when None)."""
+    """`--time-budget` for a sweep: `expired()` once `seconds` have passed since the process started (never when
+    None)."""
 
     def __init__(self, seconds: float | None):
         self.seconds = seconds
-        self.start = time.monotonic()
+        self.start = time.monotonic() - process_age()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
 
     def expired(self) -> bool:
-        return self.seconds is not None and time.monotonic() - self.start > self.seconds
+        return self.seconds is not None and self.elapsed() > self.seconds
 
     def reason(self) -> str:
         return f"not run: --time-budget {self.seconds:g} s spent"
 
 
-def progress(items: Iterable, description: str, total: int | None = None):
-    """A tqdm bar over `items` (on stderr, so stdout keeps the tables)."""
-    from tqdm import tqdm
-
-    return tqdm(items, desc=description, total=total, leave=False, dynamic_ncols=True)
+NOT_REACHED = "not run: not reached (the run stopped before this row)"
 
 
-def write_report(name: str, results: list[Result], settings: dict, output: Path | None, *, x: str, y: str,
-                 series: tuple[str, ...] = (), panels: tuple[str, ...] = (), columns: tuple[str, ...] = (),
-                 log_x: bool = True, device: str | None = None) -> Path:
-    """Write `<name>.json`, `<name>.md` and `<name>.png` into `output` (default `results/<device-slug>/`).
+def report_name(stem: str, args: argparse.Namespace) -> str:
+    """The report's file stem: `--quick` sweeps get their own (`bench_rope_quick`), so the full sweep of a later
+    command does not overwrite them."""
+    return f"{stem}_quick" if args.quick and not args.smoke else stem
+
+
+def _row_key(case: dict, provider: str) -> tuple[str, str]:
+    return json.dumps(case, sort_keys=True), provider
+
+
+class Report:
+    """One benchmark run: its planned rows, its deadline, and its files, rewritten after every row.
 
     Parameters
     ----------
     name : str
-        File stem, e.g. "bench_rope".
-    results : list of Result
+        File stem, e.g. "bench_rope" (see `report_name`).
     settings : dict
-        Everything that is not a case parameter (dtype, repeats, head_dim, ...); stored in the JSON and the table head.
+        Everything that is not a case parameter (dtype, repeats, head_dim, ...).
     output : Path or None
-    x, y : str
-        Plot axes: a `case` key (e.g. "tokens") and a metric (e.g. "gbps").
-    series : tuple of str
-        Case keys added to each line's label (one line per provider and combination of these).
-    panels : tuple of str
-        Case keys that split the figure into one panel per combination (e.g. ("kv_heads", "mode")).
+        Results folder (default `results/<device-slug>/`).
+    planned : iterable of (dict, str)
+        Every (case, provider) row the run means to measure, in the order it will measure them. Rows without a result
+        are written as "not run": while the run goes on, as not reached (what a killed run leaves); after `finish()`,
+        with the `--time-budget` that stopped it.
+    time_budget : float or None
+        `--time-budget`: `expired()` turns true this many seconds after the process started, once a first row has
+        been added (every report carries at least one row).
+    device : {"cuda", "cpu"} or None
+        Where the results are measured (for the device description).
+    x, y, series, panels, log_x :
+        The PNG (see `plot`); `plots` adds more PNGs as `(file suffix, metric)` pairs, e.g. `(("_time", "ms_p50"),)`.
     columns : tuple of str
         Metrics shown in the markdown table (default: just `y`).
-    log_x : bool
-        Log-2 x axis (token counts).
-    device : {"cuda", "cpu"} or None
-        Where the results were measured (for the device description).
-
-    Returns
-    -------
-    Path
-        The folder written.
+    derive : callable or None
+        `derive(results)` adds metrics computed across rows (e.g. `add_relative`) before every write.
+    appendix : callable or None
+        `appendix(results) -> str`: markdown added under the table (e.g. a break-even table).
     """
-    info = device_info(device)
-    output = Path(output) if output else RESULTS_DIR / info["slug"]
-    output.mkdir(parents=True, exist_ok=True)
-    (output / f"{name}.json").write_text(json.dumps(
-        {"benchmark": name, "device": info, "settings": settings,
-         "results": [dataclasses.asdict(r) for r in results]}, indent=1) + "\n")
-    (output / f"{name}.md").write_text(markdown_table(name, info, settings, results, columns or (y,)))
-    plot(output / f"{name}.png", name, info, results, x, y, series, panels, log_x)
-    return output
+
+    def __init__(self, name: str, settings: dict, output: Path | None, planned, *, time_budget: float | None = None,
+                 device: str | None = None, x: str, y: str, series: tuple[str, ...] = (),
+                 panels: tuple[str, ...] = (), columns: tuple[str, ...] = (), log_x: bool = True,
+                 plots: tuple[tuple[str, str], ...] = (), derive: Callable[[list[Result]], None] | None = None,
+                 appendix: Callable[[list[Result]], str] | None = None):
+        self.name, self.settings, self.device = name, settings, device or _default_device()
+        self.info = device_info(self.device)
+        self.output = Path(output) if output else RESULTS_DIR / self.info["slug"]
+        self.planned = [(dict(case), provider) for case, provider in planned]
+        self.deadline = Deadline(time_budget)
+        self.plot_args = dict(x=x, series=series, panels=panels, log_x=log_x)
+        self.plots = (("", y), *plots)
+        self.columns = columns or (y,)
+        self.derive, self.appendix = derive, appendix
+        self.measured: dict[tuple[str, str], Result] = {}
+        self.finished = False
+        self.write()
+
+    def expired(self) -> bool:
+        """True once the time budget is spent and a first row is in: start no new row."""
+        return bool(self.measured) and self.deadline.expired()
+
+    def add(self, result: Result) -> None:
+        """Record one row, print it on one line, and rewrite the JSON and markdown."""
+        self.measured[_row_key(result.case, result.provider)] = result
+        summary = result.skipped or ", ".join(f"{k}={result.metrics[k]:.4g}" for k in self.columns
+                                              if isinstance(result.metrics.get(k), float))
+        print(f"[{self.name} {self.deadline.elapsed():6.1f} s] {json.dumps(result.case)} {result.provider}: {summary}",
+              flush=True)
+        self.write()
+
+    def results(self) -> list[Result]:
+        """Every planned row in plan order (a placeholder "not run" result where none was added), then any row
+        added that was not planned."""
+        reason = NOT_REACHED if not self.finished else self.deadline.reason() if self.deadline.expired() else "not run"
+        rows = [self.measured.get(_row_key(case, provider)) or Result(self.name, provider, case, skipped=reason)
+                for case, provider in self.planned]
+        planned = {_row_key(case, provider) for case, provider in self.planned}
+        rows += [r for key, r in self.measured.items() if key not in planned]
+        if self.derive:
+            self.derive(rows)
+        return rows
+
+    def write(self) -> None:
+        """The JSON and the markdown (and after `finish()`, the PNGs), from every row so far."""
+        rows = self.results()
+        self.output.mkdir(parents=True, exist_ok=True)
+        not_run = sum(1 for r in rows if r.skipped and r.skipped.startswith("not run"))
+        status = {"finished": self.finished, "rows": len(rows), "not_run": not_run,
+                  "skipped": sum(1 for r in rows if r.skipped) - not_run,
+                  "measured": sum(1 for r in rows if not r.skipped), "seconds": round(self.deadline.elapsed(), 1),
+                  "time_budget": self.deadline.seconds}
+        write_json(self.output / f"{self.name}.json",
+                   {"benchmark": self.name, "device": self.info, "settings": self.settings, "status": status,
+                    "results": [dataclasses.asdict(r) for r in rows]})
+        table = markdown_table(self.name, self.info, self.settings, rows, self.columns)
+        if self.appendix:
+            table += "\n" + self.appendix(rows)
+        _atomic_write(self.output / f"{self.name}.md", table)
+        if self.finished:
+            for suffix, y in self.plots:
+                plot(self.output / f"{self.name}{suffix}.png", self.name, self.info, rows, y=y, **self.plot_args)
+
+    def finish(self) -> Path:
+        """Mark the rows left as not run, write everything including the PNGs; returns the results folder."""
+        self.finished = True
+        self.write()
+        print(f"[{self.name}] results in {self.output}", flush=True)
+        return self.output
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename: a kill mid-write leaves the previous version, never half a file."""
+    scratch = path.with_name(f".{path.name}.tmp")
+    scratch.write_text(text)
+    scratch.replace(path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    _atomic_write(path, json.dumps(data, indent=1) + "\n")
+
+
+def random_llama(shape: dict, *, layers: int | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 seed: int = 0, **overrides):
+    """A random-initialised `LlamaForCausalLM` of `shape` (e.g. `SMOLLM2_135M`), SDPA attention.
+
+    `layers` overrides the depth (`num_hidden_layers`), `overrides` any other config field (e.g.
+    `max_position_embeddings`). The weights are drawn on `device` with a fixed seed.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**shape, **overrides, **({"num_hidden_layers": layers} if layers else {})},
+                         attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return LlamaForCausalLM(config).to(dtype)
 
 
 def _fmt(value) -> str:
@@ -378,7 +531,8 @@ def markdown_table(name: str, info: dict, settings: dict, results: list[Result],
     for r in results:
         cells = [_fmt(r.case.get(k)) for k in case_keys] + [r.provider]
         if r.skipped:
-            cells += [f"skipped: {r.skipped.replace('|', '/')}"] + ["-"] * (len(columns) - 1)
+            reason = r.skipped if r.skipped.startswith("not run") else f"skipped: {r.skipped}"
+            cells += [reason.replace("|", "/")] + ["-"] * (len(columns) - 1)
         else:
             cells += [_fmt(r.metrics.get(c)) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
@@ -387,8 +541,14 @@ def markdown_table(name: str, info: dict, settings: dict, results: list[Result],
 
 def plot(path: Path, name: str, info: dict, results: list[Result], x: str, y: str, series: tuple[str, ...] = (),
          panels: tuple[str, ...] = (), log_x: bool = True) -> None:
-    """A PNG of `y` against `x`: one panel per `panels` combination, one line per provider (+ `series`) in each."""
-    import matplotlib
+    """A PNG of `y` against `x`: one panel per `panels` combination, one line per provider (+ `series`) in each.
+
+    Without matplotlib (the plots are optional) nothing is written: the JSON and markdown hold every number."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no {path.name}", flush=True)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

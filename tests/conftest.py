@@ -2,10 +2,42 @@
 - Triton runs in its CPU interpreter when no GPU is present;
 - `import ctxext_kernels` leaves transformers stock (CTXEXT_NO_PATCH=1): many tests use stock transformers as the
   oracle, and the ones about the patch call patch()/unpatch() themselves (test_import_patch checks the import-time
-  patch in fresh interpreters)."""
+  patch in fresh interpreters).
+
+GPU tests: a test that runs kernels on CUDA tensors carries the `gpu` marker (`@pytest.mark.gpu` on the test, or
+`pytest.param(..., marks=pytest.mark.gpu)` on its GPU parameters). `pytest -m gpu` selects exactly them: that is how
+benchmarks/run_all.sh's first stage on a lent GPU finds every GPU test, a new one included, and nothing else. Without a
+GPU they skip here. With CTXEXT_REQUIRE_GPU=1 (that stage sets it) a GPU test that skips fails instead: on a GPU
+machine a skip means a backend did not build or load.
+"""
 
 import os
+
+import pytest
 
 if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidia0"):
     os.environ["TRITON_INTERPRET"] = "1"
 os.environ["CTXEXT_NO_PATCH"] = "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: runs kernels on CUDA tensors (selected by `-m gpu`; skips without a GPU)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    no_gpu = pytest.mark.skip(reason="needs a GPU (torch sees no CUDA device)")
+    for item in items:
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.skipped and os.environ.get("CTXEXT_REQUIRE_GPU") == "1" and item.get_closest_marker("gpu"):
+        reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = ("a GPU test skipped on the GPU run (CTXEXT_REQUIRE_GPU=1): "
+                           + reason.removeprefix("Skipped: "))

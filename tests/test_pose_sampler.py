@@ -2,6 +2,7 @@
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,11 +116,12 @@ def test_determinism_and_exact_resume():
 def test_collator_batches_and_packing():
     docs = [document(200) for _ in range(4)]
     batch = PoseCollator(PoseSampler(16, 64, seed=0))(docs)
-    assert {k: tuple(v.shape) for k, v in batch.items()} == {k: (4, 16) for k in ("input_ids", "labels", "position_ids")}
-    assert torch.equal(batch["labels"], batch["input_ids"])
+    keys = ("input_ids", "labels", "position_ids", "attention_mask")
+    assert {k: tuple(v.shape) for k, v in batch.items()} == {k: (4, 16) for k in keys}
+    assert torch.equal(batch["labels"], batch["input_ids"]) and bool((batch["attention_mask"] == 1).all())
 
     packed = PoseCollator(PoseSampler(16, 64, seed=0), samples_per_row=2)(docs)
-    assert packed["input_ids"].shape == (2, 32)
+    assert packed["input_ids"].shape == (2, 32) and "attention_mask" not in packed
     assert torch.equal(packed["input_ids"].reshape(4, 16), batch["input_ids"])
     assert torch.equal(packed["position_ids"][:, 16], torch.zeros(2, dtype=torch.long))  # restart at every sample
     assert (packed["labels"][:, 16] == -100).all() and (packed["labels"][:, :16] >= 0).all()
@@ -145,3 +147,38 @@ def test_short_document_is_named(method, content, needed):
     with pytest.raises(ValueError, match=f"needs at least {needed}"):
         sampler.sample(document(needed - 1))
     sampler.sample(document(needed))
+
+
+@pytest.mark.parametrize("rule, low, high, skipped_share", [("paper", 1, 15, 0.5), ("authors", 1, 8, 0.75)])
+def test_first_chunk_length_follows_its_rule(rule, low, high, skipped_share):
+    """Two chunks of Lc = 16: l_0 ~ U{1..Lc-1} (the paper's appendix) or U{1..ceil(Lc/2)} (the authors' train_pose.py:
+    `rt1 = random.randint(1, (len_chunk + 1) // 2)`), checked by a chi-square test on 4000 draws; the share of tokens
+    in the skipped chunk follows (1/2 and 3/4 in expectation)."""
+    lc, draws = 16, 4000
+    sampler = PoseSampler(lc, 64, seed=0, chunk_lengths=rule)
+    first = np.array([sampler.draw_layout(64).lengths[0] for _ in range(draws)])
+    support = np.arange(low, high + 1)
+    assert set(first.tolist()) == set(support.tolist())
+    counts = np.array([(first == n).sum() for n in support])
+    expected = draws / len(support)
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 2 * (len(support) - 1) + 15, f"chi2 {chi2:.1f} for {len(support) - 1} degrees of freedom"
+    share = 1 - first.mean() / lc
+    assert abs(share - ((lc - (low + high) / 2) / lc)) < 0.02 and abs(share - skipped_share) < 0.05
+
+
+def test_authors_rule_needs_two_chunks():
+    with pytest.raises(ValueError, match="num_chunks must be 2"):
+        PoseSampler(16, 64, num_chunks=3, chunk_lengths="authors")
+    with pytest.raises(ValueError, match="chunk_lengths must be one of"):
+        PoseSampler(16, 64, chunk_lengths="uniform")
+
+
+def test_contiguous_control_takes_poses_tokens_at_unskipped_positions():
+    """Same seed, same chunks and content as PoSE; only the skips are gone (positions 0..Lc-1)."""
+    lx = 500
+    for seed in range(50):
+        pose_ids, pose_pos = PoseSampler(16, 64, num_chunks=3, seed=seed).sample(document(lx))
+        ids, pos = PoseSampler(16, 64, num_chunks=3, seed=seed, method="contiguous").sample(document(lx))
+        assert torch.equal(ids, pose_ids) and torch.equal(pos, torch.arange(16))
+        assert int(pose_pos.max()) >= 15

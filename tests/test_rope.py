@@ -1,8 +1,9 @@
 """The fused RoPE op against the float64 oracle, for every backend, over a curated list of cases.
 
-Backends: "torch" (the reference), "triton" (CPU interpreter here, GPU where there is one), "cpu" (host build of the
-CUDA code's per-element math) and "cuda" (GPU only). The list below is deliberate, not a cross product: each case
-exists for one reason, named in `why`.
+Backends, each on the device it runs on (`BACKENDS`): "torch" (the reference) and "triton" (its CPU interpreter) and
+"cpu" (host build of the CUDA code's per-element math) on CPU tensors; "triton" and "cuda" on CUDA tensors, marked
+`gpu` (they skip without a GPU; `pytest -m gpu` selects them). The list of cases is deliberate, not a cross product:
+each case exists for one reason, named in `why`.
 """
 
 from __future__ import annotations
@@ -67,21 +68,23 @@ CASES = [
     Case("decode token", head_dim=128, batch=1, seq=1, dtype=torch.bfloat16, max_position=100000),
 ]
 
-BACKENDS = ["torch", "triton", "cpu", "cuda"]
+def _on_gpu(backend: str):
+    return pytest.param(backend, "cuda", id=f"{backend}-gpu", marks=pytest.mark.gpu)
 
 
-def _require(backend: str, device: str = "cpu") -> str:
-    """Skip when `backend` cannot run here; the host build is mandatory where CTXEXT_REQUIRE_HOST_BUILD=1 (CI)."""
-    if backend == "cuda":
-        if not torch.cuda.is_available():
-            pytest.skip("no GPU")
-        device = "cuda"
+# (backend, device of the tensors): Triton runs on both, in its interpreter on the CPU and compiled on the GPU
+BACKENDS = [pytest.param("torch", "cpu", id="torch"), pytest.param("triton", "cpu", id="triton-interpreter"),
+            pytest.param("cpu", "cpu", id="cpu"), _on_gpu("triton"), _on_gpu("cuda")]
+
+
+def _require(backend: str, device: str) -> None:
+    """Skip when `backend` cannot run on `device` here (tests/conftest.py skips `gpu` tests without a GPU, and fails
+    them on the GPU run instead of skipping); the host build is mandatory where CTXEXT_REQUIRE_HOST_BUILD=1 (CI)."""
     usable, reason = ck.backends(device)[backend]
     if not usable:
         if backend == "cpu" and os.environ.get("CTXEXT_REQUIRE_HOST_BUILD") == "1":
             pytest.fail(f"the host build is required here but unusable: {reason}")
         pytest.skip(reason)
-    return device
 
 
 def _spec(case: Case, device) -> RopeSpec:
@@ -101,7 +104,8 @@ def _make_inputs(case: Case, device, seed: int = 0):
     batch, seq = (1, sum(case.packed)) if case.packed else (case.batch, case.seq)
     heads = case.q_heads + case.k_heads
     if case.strided:  # one projection output, q and k sliced out of it and viewed as heads: nothing contiguous
-        qkv = torch.randn(batch, seq, (heads + case.k_heads) * case.head_dim, generator=g)
+        # made on the target device: moving a view there would copy it into a contiguous tensor
+        qkv = torch.randn(batch, seq, (heads + case.k_heads) * case.head_dim, generator=g).to(device)
         q = qkv[..., : case.q_heads * case.head_dim].view(batch, seq, case.q_heads, case.head_dim)
         k = qkv[..., case.q_heads * case.head_dim: heads * case.head_dim].view(batch, seq, case.k_heads, case.head_dim)
     else:
@@ -137,10 +141,10 @@ def _expected(case, spec, q, k, positions):
                         case.interleaved) for x in (q, k))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_forward_matches_float64(case, backend):
-    device = _require(backend)
+def test_forward_matches_float64(case, backend, device):
+    _require(backend, device)
     spec = _spec(case, device)
     q, k, position_ids, cu_seqlens, positions = _make_inputs(case, device)
     q_before, k_before = q.clone(), k.clone()
@@ -157,10 +161,10 @@ INPLACE_CASES = [c for c in CASES if c.why in ("llama gqa bf16", "partial rotary
                                                 "varlen packed fp16")]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("case", INPLACE_CASES, ids=str)
-def test_inplace_matches_float64(case, backend):
-    device = _require(backend)
+def test_inplace_matches_float64(case, backend, device):
+    _require(backend, device)
     spec = _spec(case, device)
     q, k, position_ids, cu_seqlens, positions = _make_inputs(case, device)
     q_exp, k_exp = _expected(case, spec, q, k, positions)
@@ -176,11 +180,11 @@ BACKWARD_CASES = [c for c in CASES if c.why in ("llama gqa bf16", "partial rotar
 
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "inplace"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("case", BACKWARD_CASES, ids=str)
-def test_backward_matches_float64_autograd(case, backend, inplace):
+def test_backward_matches_float64_autograd(case, backend, device, inplace):
     """Gradients of <rope(q), gq> + <rope(k), gk> against float64 autograd through the oracle."""
-    device = _require(backend)
+    _require(backend, device)
     spec = _spec(case, device)
     q, k, position_ids, cu_seqlens, positions = _make_inputs(case, device)
     g = torch.Generator().manual_seed(1)
@@ -214,14 +218,15 @@ def test_exact_angle_is_what_makes_large_positions_accurate():
         assert (err <= TOLERANCES[torch.float32][1]) == accurate, f"angle={angle}: max error {err:.2e}"
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
-def test_backends_agree_bitwise_on_angle_mode_fp32(backend):
+@pytest.mark.parametrize("backend,device", [b for b in BACKENDS if b.values[0] != "torch"])
+def test_backends_agree_bitwise_on_angle_mode_fp32(backend, device):
     """angle="fp32" reproduces transformers' rounding: every backend equals the reference to fp32 rounding."""
-    _require(backend)
+    _require(backend, device)
     case = Case("fp32 angle", head_dim=64, max_position=2**22)
     spec = _spec(case, "cpu").replace(angle="fp32")
     q, k, position_ids, _, _ = _make_inputs(case, "cpu")
     want = ck.apply_rope(q, k, position_ids, spec, backend="torch")
-    got = ck.apply_rope(q, k, position_ids, spec, backend=backend)
+    got = ck.apply_rope(q.to(device), k.to(device), position_ids.to(device), _spec(case, device).replace(angle="fp32"),
+                        backend=backend)
     for w, g_ in zip(want, got):
-        torch.testing.assert_close(g_, w, rtol=4e-6, atol=4e-6)
+        torch.testing.assert_close(g_.cpu(), w, rtol=4e-6, atol=4e-6)

@@ -45,8 +45,8 @@ class FusedRope:
     Attributes:
         position_ids: int `[B, S]` (or `[1, S]`, broadcast over the batch).
         spec: the frozen spec (rope type "default" with the module's current frequencies and attention scaling).
-        deferred: the model attends with `attn_implementation="ctxext"`, whose kernels rotate q and k in their
-            prologue: `rotate` then hands q and k over unrotated.
+        deferred: the model attends with `attn_implementation="ctxext"`, whose kernel rotates the queries in its
+            prologue: `rotate` then rotates the keys alone (spec: the config's, as the attention kernel's).
         versions: the tables' version counters when they were built (an in-place edit bumps them).
     """
 
@@ -63,8 +63,8 @@ class FusedRope:
         layout = {1: "bhsd", 2: "bshd"}.get(unsqueeze_dim)
         if layout is None:
             raise ValueError(f"unsqueeze_dim must be 1 ([B, H, S, D]) or 2 ([B, S, H, D]), got {unsqueeze_dim}")
-        if self.deferred:  # rotated inside the fused attention kernel: rotated q/k never touch memory
-            return q, k
+        if self.deferred:  # keys turn once, here (a KV cache keeps them rotated); queries inside the attention kernel
+            return q, apply_rope(None, k, self.position_ids, self.spec, layout=layout, check_positions=False)[1]
         # No position check: it would cost a host sync per layer (see the module docstring).
         return apply_rope(q, k, self.position_ids, self.spec, layout=layout, check_positions=False)
 
@@ -184,7 +184,9 @@ def fused_rotary_forward(module: nn.Module, x: torch.Tensor, position_ids: torch
                           attention_scaling=float(getattr(module, "attention_scaling", spec.attention_scaling)))
     cos, sin = _tables(position_ids, frozen, x.dtype)
     deferred = getattr(module.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
-    fused = FusedRope(position_ids, frozen, deferred, (cos._version, sin._version))
+    # Deferred: the attention kernel turns the queries by the spec of the model config (attention_backend.py), so the
+    # keys must turn by that very spec, not by this module's possibly down-cast or remembered frequencies.
+    fused = FusedRope(position_ids, spec if deferred else frozen, deferred, (cos._version, sin._version))
     for table in (cos, sin):
         setattr(table, FUSED_ATTRIBUTE, fused)
         # The attribute is for this process only: pickling / torch.save write the plain tensor, as stock's

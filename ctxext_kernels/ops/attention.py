@@ -2,7 +2,8 @@
 
 q and k arrive *unrotated*; the fused kernels rotate each tile in registers from the integer positions (the exact
 angle of the RoPE op) and run FlashAttention-2. The "torch" backend is the reference: rotate with the RoPE op's
-reference, then attention in fp32 with an explicit mask. Checks and layout handling are the RoPE op's own.
+reference, then attention in fp32 with an explicit mask. Checks are `checks`' (shared with the RoPE op), and so
+is the layout handling.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import math
 
 import torch
 
-from . import cuda_ext, reference
-from .rope import _canonical, _check_qk, _check_range, _positions_2d, _triton_status
+from . import checks, cuda_ext, reference
+from .rope import _canonical, _triton_status
+from .rope import _launcher as _rope_launcher
 from .spec import RopeSpec
 
 ATTENTION_BACKENDS = ("cuda", "triton", "torch")
@@ -28,7 +30,8 @@ def _cuda_status(device_type: str) -> tuple[bool, str]:
         return False, "the CUDA extension was built without csrc/attention (fused attention)"
     if device_type != "cuda":
         return False, "the CUDA fused attention needs CUDA tensors"
-    return True, "hand-written CUDA fused attention (WMMA tensor cores, sm_80+), float16/bfloat16, head_dim 64/128"
+    return True, ("hand-written CUDA FlashAttention-2 (mma.sync, ldmatrix, cp.async; sm_80+), float16/bfloat16, "
+                  "head_dim 64/128; opt-in: not yet run against the float64 oracle on a GPU")
 
 
 def attention_backends(device: str | torch.device | None = None) -> dict[str, tuple[bool, str]]:
@@ -47,7 +50,7 @@ def attention_backends(device: str | torch.device | None = None) -> dict[str, tu
 def _pick(backend: str | None, device_type: str) -> str:
     available = attention_backends(device_type)
     if backend is None:
-        # Triton is the tuned training path on GPUs; the CUDA kernels are the simple tensor-core reimplementation.
+        # Triton is the default on GPUs; the CUDA kernels stay opt-in until a GPU has run them against the oracle.
         return "triton" if device_type == "cuda" and available["triton"][0] else "torch"
     if backend not in available:
         raise ValueError(f"backend must be one of {tuple(available)} or None, got {backend!r}")
@@ -57,47 +60,60 @@ def _pick(backend: str | None, device_type: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- torch reference
-def _segments(q_canonical: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """Sequence index of every token `[S]` (all zeros without cu_seqlens)."""
-    seqlen = q_canonical.shape[1]
-    tokens = torch.arange(seqlen, device=q_canonical.device)
+def _token_segments(n_tokens: int, cu_seqlens: torch.Tensor | None, device
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sequence index, index within its sequence, length of its sequence) of every token, each `[n_tokens]`; one
+    sequence of n_tokens without cu_seqlens."""
+    tokens = torch.arange(n_tokens, device=device)
     if cu_seqlens is None:
-        return torch.zeros_like(tokens)
-    return torch.searchsorted(cu_seqlens.to(tokens.device, torch.int64), tokens, right=True) - 1
+        return torch.zeros_like(tokens), tokens, torch.full_like(tokens, n_tokens)
+    cu = cu_seqlens.to(device, torch.int64)
+    segment = torch.searchsorted(cu, tokens, right=True) - 1
+    return segment, tokens - cu[segment], (cu[1:] - cu[:-1])[segment]
 
 
-def _reference_parts(q, k, v, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal, interleaved, exact):
-    """fp32 pieces of the reference: rotated q `[B,S,Hq,D]`, rotated k and v repeated to Hq heads, the probabilities
-    `[B,Hq,S,S]`, the base-e log-sum-exp `[B,Hq,S]` and cos/sin `[B,S,1,D/2]`."""
+def _keep_mask(n_q: int, n_k: int, cu_seqlens, cu_seqlens_k, causal: bool, device) -> torch.Tensor:
+    """`[n_q, n_k]` True where a query may attend a key: same sequence and, when causal, key index <= query index +
+    (keys - queries) of that sequence (bottom-right alignment: the last query sees every key of its sequence)."""
+    q_seg, q_idx, q_len = _token_segments(n_q, cu_seqlens, device)
+    k_seg, k_idx, k_len = _token_segments(n_k, cu_seqlens if cu_seqlens_k is None else cu_seqlens_k, device)
+    keep = q_seg[:, None] == k_seg[None, :]
+    if causal:
+        keep = keep & (k_idx[None, :] <= q_idx[:, None] + k_len[None, :] - q_len[:, None])
+    return keep
+
+
+def _reference_parts(q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal,
+                     interleaved, exact, k_rotated):
+    """fp32 pieces of the reference: rotated q `[B,Sq,Hq,D]`, rotated k and v repeated to Hq heads, the
+    probabilities `[B,Hq,Sq,Sk]`, the base-e log-sum-exp `[B,Hq,Sq]` and cos/sin `[B,Sq,1,D/2]` of the queries
+    (k_rotated: k already carries its rotation; else Sk == Sq and k turns by the queries' angles)."""
     cos, sin = reference.rope_angles_cos_sin(positions, inv_freq, scaling, exact=exact)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     group = q.shape[2] // k.shape[2]
     q_rot = reference.rotate(q, cos, sin, interleaved).float()
-    k_rot = reference.rotate(k, cos, sin, interleaved).float().repeat_interleave(group, dim=2)
+    k_rot = (k if k_rotated else reference.rotate(k, cos, sin, interleaved)).float().repeat_interleave(group, dim=2)
     v_rep = v.float().repeat_interleave(group, dim=2)
     scores = torch.einsum("bmhd,bnhd->bhmn", q_rot, k_rot) * softmax_scale
-    segment = _segments(q, cu_seqlens)
-    keep = segment[:, None] == segment[None, :]
-    if causal:
-        keep = keep & torch.ones_like(keep).tril()
+    keep = _keep_mask(q.shape[1], k.shape[1], cu_seqlens, cu_seqlens_k, causal, q.device)
     scores = scores.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     return q_rot, k_rot, v_rep, torch.softmax(scores, dim=-1), lse, cos, sin
 
 
-def _reference_attention(q, k, v, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal, interleaved, exact):
-    """Canonical `[B,S,H,D]` inputs -> (out in q's dtype, lse base 2 `[B,S,Hq]`)."""
-    *_, v_rep, probs, lse, _, _ = _reference_parts(q, k, v, positions, inv_freq, cu_seqlens, scaling, softmax_scale,
-                                                   causal, interleaved, exact)
+def _reference_attention(q, k, v, positions, inv_freq, *flags):
+    """Canonical `[B,S,H,D]` inputs -> (out in q's dtype, lse base 2 `[B,Sq,Hq]`); flags as `_reference_parts`."""
+    *_, v_rep, probs, lse, _, _ = _reference_parts(q, k, v, positions, inv_freq, *flags)
     out = torch.einsum("bhmn,bnhd->bmhd", probs, v_rep)
     return out.to(q.dtype), (lse * _LOG2E).transpose(1, 2)
 
 
-def _reference_attention_backward(grad_out, q, k, v, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
-                                  interleaved, exact):
+def _reference_attention_backward(grad_out, q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling,
+                                  softmax_scale, causal, interleaved, exact, k_rotated):
     """The attention backward written out (custom-op bodies run without autograd): canonical dq, dk, dv."""
-    q_rot, k_rot, v_rep, probs, _, cos, sin = _reference_parts(q, k, v, positions, inv_freq, cu_seqlens, scaling,
-                                                               softmax_scale, causal, interleaved, exact)
+    q_rot, k_rot, v_rep, probs, _, cos, sin = _reference_parts(q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k,
+                                                               scaling, softmax_scale, causal, interleaved, exact,
+                                                               k_rotated)
     grad_out = grad_out.float()
     out = torch.einsum("bhmn,bnhd->bmhd", probs, v_rep)
     grad_probs = torch.einsum("bmhd,bnhd->bhmn", grad_out, v_rep)
@@ -112,29 +128,32 @@ def _reference_attention_backward(grad_out, q, k, v, positions, inv_freq, cu_seq
     grad_k_rot = per_kv_head(torch.einsum("bhmn,bmhd->bnhd", grad_scores, q_rot))
     grad_v = per_kv_head(torch.einsum("bhmn,bmhd->bnhd", probs, grad_out))
     # the rotation's transpose is the rotation by the negative angle
-    return (reference.rotate(grad_q_rot, cos, -sin, interleaved).to(q.dtype),
-            reference.rotate(grad_k_rot, cos, -sin, interleaved).to(k.dtype), grad_v.to(v.dtype))
+    grad_k = grad_k_rot if k_rotated else reference.rotate(grad_k_rot, cos, -sin, interleaved)
+    return (reference.rotate(grad_q_rot, cos, -sin, interleaved).to(q.dtype), grad_k.to(k.dtype),
+            grad_v.to(v.dtype))
 
 
 # ------------------------------------------------------------------------------------------ fused launchers
-def _longest(q_canonical: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
-    """Longest sequence: S, or the longest packed sequence of cu_seqlens (one host sync)."""
-    if cu_seqlens is None:
-        return q_canonical.shape[1]
-    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """x, or a dense copy when the CUDA kernels cannot stream its rows (contiguous, 16-byte aligned head rows)."""
+    if x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(stride % 8 == 0 for stride in x.stride()[:3]):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
 
 
-def _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal, interleaved,
-               exact, rotate):
+def _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal,
+               interleaved, exact, rotate):
     """AttentionArgs of the CUDA launchers (canonical `[B, S, H, D]` views; see csrc/attention/attention.h)."""
     ext = cuda_ext._load()[0]
     args = ext.AttentionArgs()
     for name, x in (("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse), ("positions", positions),
-                    ("inv_freq", inv_freq), ("cu_seqlens", cu_seqlens)):
+                    ("inv_freq", inv_freq), ("cu_seqlens", cu_seqlens), ("cu_seqlens_k", cu_seqlens_k)):
         setattr(args, name, cuda_ext._view(x, ext))
     args.dtype = getattr(ext.DType, _DTYPE_TAGS[q.dtype])
     args.positions_int64 = positions.dtype == torch.int64
-    args.max_seqlen = _longest(q, cu_seqlens)
+    # Upper bounds of the longest sequences size the grid (blocks past a sequence's end return at once): the exact
+    # longest of cu_seqlens / cu_seqlens_k would cost a host sync on every call.
+    args.max_seqlen_q, args.max_seqlen_k = q.shape[1], k.shape[1]
     args.scaling, args.softmax_scale = float(scaling), float(softmax_scale)
     args.causal, args.interleaved, args.exact, args.rotate = causal, interleaved, exact, rotate
     args.device = q.device.index if q.device.index is not None else torch.cuda.current_device()
@@ -142,40 +161,89 @@ def _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, soft
     return ext, args
 
 
-def fused_forward(backend, q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
-                  interleaved, exact, rotate=True) -> None:
-    """Run a fused backend's forward into out `[B,S,Hq,D]` and lse fp32 `[B,S,Hq]` (canonical views).
+def _cuda_forward(q, k_rot, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale,
+                  causal, interleaved, exact, rotate) -> None:
+    """The CUDA forward into out `[B, Sq, Hq, D]` and lse fp32 `[B, Sq, Hq]`.
 
-    `rotate=False` runs the same kernel without RoPE: the benchmark's measure of what the rotation costs.
+    q `[B, Sq, Hq, D]` goes in unrotated (the kernel rotates each Q tile by `positions` `[B, Sq]`), k_rot and v
+    `[B, Sk, Hk, D]` with the keys already rotated, Sk >= Sq; causal masking is aligned bottom-right (query i sees
+    keys j <= i + Sk - Sq). Packed batches (B == 1): int32 `cu_seqlens` / `cu_seqlens_k` `[N + 1]`, both or neither.
     """
+    q, k_rot, v = _aligned(q), _aligned(k_rot), _aligned(v)  # named: the copies must outlive the launch
+    ext, args = _cuda_args(q, k_rot, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling,
+                           softmax_scale, causal, interleaved, exact, rotate)
+    ext.rope_attention_forward_cuda(args)
+
+
+def _cuda_backward(grad_out, q_rot, k_rot, v, out, lse, dq, dk_rot, dv, positions, inv_freq, cu_seqlens,
+                   cu_seqlens_k, scaling, softmax_scale, causal, interleaved, exact, rotate) -> None:
+    """The CUDA backward into dq (of the unrotated q: the kernel rotates it back), dk_rot (of the rotated keys) and
+    dv. Takes the queries rotated (q_rot; every dK/dV block reads each Q tile, so they are rotated once up front);
+    otherwise the arguments of `_cuda_forward`.
+    """
+    grad_out, q_rot, k_rot, v = (_aligned(x) for x in (grad_out, q_rot, k_rot, v))
+    ext, args = _cuda_args(q_rot, k_rot, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling,
+                           softmax_scale, causal, interleaved, exact, rotate)
+    # D_i = rowsum(dO * O): the softmax-Jacobian correction, one fp32 value per query row
+    delta = (grad_out.float() * out.float()).sum(-1)
+    for name, x in (("grad_out", grad_out), ("delta", delta), ("grad_q", dq), ("grad_k", dk_rot), ("grad_v", dv)):
+        setattr(args, name, cuda_ext._view(x, ext))
+    ext.rope_attention_backward_cuda(args)
+
+
+def fused_forward(backend, q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
+                  interleaved, exact, rotate=True, *, cu_seqlens_k=None, k_rotated=False) -> None:
+    """Run a fused backend's forward into out `[B,Sq,Hq,D]` and lse fp32 `[B,Sq,Hq]` (canonical views).
+
+    q `[B,Sq,Hq,D]` is unrotated; k, v `[B,Sk,Hk,D]`: k unrotated at the queries' positions (Sk == Sq), or already
+    rotated (`k_rotated`: Sk >= Sq, packed keys delimited by `cu_seqlens_k`, default `cu_seqlens`). Unrotated keys
+    are rotated once here by the backend's RoPE kernel; the attention kernel then rotates only Q, once per Q tile.
+    `rotate=False` runs the same kernels without RoPE: the benchmark's measure of what the rotation costs.
+    """
+    if rotate and not k_rotated:
+        k_rot = torch.empty_like(k)
+        _rope_launcher(backend)(k, None, k_rot, None, positions, inv_freq, scaling, interleaved, False, exact)
+        k = k_rot
+    cu_seqlens_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     if backend == "cuda":
-        ext, args = _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
-                               interleaved, exact, rotate)
-        ext.rope_attention_forward_cuda(args)
+        _cuda_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal,
+                      interleaved, exact, rotate)
         return
     from . import triton_attention
 
-    triton_attention.attention_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale,
-                                       causal, interleaved, exact, rotate)
+    triton_attention.attention_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling,
+                                       softmax_scale, causal, interleaved, exact, rotate)
 
 
 def fused_backward(backend, grad_out, q, k, v, out, lse, dq, dk, dv, positions, inv_freq, cu_seqlens, scaling,
-                   softmax_scale, causal, interleaved, exact, rotate=True) -> None:
-    """Run a fused backend's backward into dq, dk, dv (gradients of the unrotated q, k and of v; canonical views)."""
-    if backend == "cuda":
-        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        ext, args = _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
-                               interleaved, exact, rotate)
-        # D_i = rowsum(dO * O): the softmax-Jacobian correction, one fp32 value per query row
-        delta = (grad_out.float() * out.float()).sum(-1)
-        for name, x in (("grad_out", grad_out), ("delta", delta), ("grad_q", dq), ("grad_k", dk), ("grad_v", dv)):
-            setattr(args, name, cuda_ext._view(x, ext))
-        ext.rope_attention_backward_cuda(args)
-        return
-    from . import triton_attention
+                   softmax_scale, causal, interleaved, exact, rotate=True, *, cu_seqlens_k=None,
+                   k_rotated=False) -> None:
+    """Run a fused backend's backward into dq, dk, dv: gradients of the unrotated q, of k as it came in (unrotated,
+    or rotated with `k_rotated`) and of v; arguments as `fused_forward`.
 
-    triton_attention.attention_backward(grad_out, q, k, v, out, lse, dq, dk, dv, positions, inv_freq, cu_seqlens,
-                                        scaling, softmax_scale, causal, interleaved, exact, rotate)
+    q (and unrotated k) are rotated once by the backend's RoPE kernel (every dK/dV block reads each Q tile); the dQ
+    kernel rotates dQ back in its epilogue; dK of keys rotated here is rotated back in place by the RoPE kernel (the
+    angle negated: the rotation's transpose).
+    """
+    rope = _rope_launcher(backend)
+    rotate_k = rotate and not k_rotated
+    q_rot, k_rot = q, k
+    if rotate:  # one RoPE launch for both: cos/sin once per token
+        q_rot, k_rot = torch.empty_like(q), torch.empty_like(k) if rotate_k else k
+        rope(q, k if rotate_k else None, q_rot, k_rot if rotate_k else None, positions, inv_freq, scaling, interleaved,
+             False, exact)
+    cu_seqlens_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    if backend == "cuda":
+        _cuda_backward(grad_out, q_rot, k_rot, v, out, lse, dq, dk, dv, positions, inv_freq, cu_seqlens, cu_seqlens_k,
+                       scaling, softmax_scale, causal, interleaved, exact, rotate)
+    else:
+        from . import triton_attention
+
+        triton_attention.attention_backward(grad_out, q_rot, k_rot, v, out, lse, dq, dk, dv, positions, inv_freq,
+                                            cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal, interleaved,
+                                            exact, rotate)
+    if rotate_k:
+        rope(dk, None, dk, None, positions, inv_freq, scaling, interleaved, True, exact)
 
 
 # ---------------------------------------------------------------------------------------------------- custom ops
@@ -186,123 +254,157 @@ def _lse_shape(q: torch.Tensor, layout: str) -> tuple[int, int, int]:
 
 @torch.library.custom_op("ctxext::rope_attention", mutates_args=())
 def _rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                    inv_freq: torch.Tensor, cu_seqlens: torch.Tensor | None, scaling: float, softmax_scale: float,
-                    causal: bool, layout: str, interleaved: bool, exact: bool, backend: str
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out in q's layout, lse fp32 `[B, S, Hq]` base 2); q, k unrotated."""
+                    inv_freq: torch.Tensor, cu_seqlens: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+                    scaling: float, softmax_scale: float, causal: bool, layout: str, interleaved: bool, exact: bool,
+                    k_rotated: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out in q's layout, lse fp32 `[B, Sq, Hq]` base 2); q unrotated, k unrotated unless k_rotated."""
     qc, kc, vc = (_canonical(x, layout) for x in (q, k, v))
     if backend == "torch":
-        out_c, lse = _reference_attention(qc, kc, vc, positions, inv_freq, cu_seqlens, scaling, softmax_scale,
-                                          causal, interleaved, exact)
+        out_c, lse = _reference_attention(qc, kc, vc, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling,
+                                          softmax_scale, causal, interleaved, exact, k_rotated)
         out = torch.empty_like(q)
         _canonical(out, layout).copy_(out_c)
         return out, lse.contiguous()
     out, lse = torch.empty_like(q), q.new_empty(_lse_shape(q, layout), dtype=torch.float32)
     fused_forward(backend, qc, kc, vc, _canonical(out, layout), lse, positions, inv_freq, cu_seqlens, scaling,
-                  softmax_scale, causal, interleaved, exact)
+                  softmax_scale, causal, interleaved, exact, cu_seqlens_k=cu_seqlens_k, k_rotated=k_rotated)
     return out, lse
 
 
 @_rope_attention.register_fake
-def _(q, k, v, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal, layout, interleaved, exact, backend):
+def _(q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal, layout, interleaved,
+      exact, k_rotated, backend):
     return torch.empty_like(q), q.new_empty(_lse_shape(q, layout), dtype=torch.float32)
 
 
 @torch.library.custom_op("ctxext::rope_attention_backward", mutates_args=())
 def _rope_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              out: torch.Tensor, lse: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
-                             cu_seqlens: torch.Tensor | None, scaling: float, softmax_scale: float, causal: bool,
-                             layout: str, interleaved: bool, exact: bool, backend: str
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of the unrotated q and k and of v."""
+                             cu_seqlens: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, scaling: float,
+                             softmax_scale: float, causal: bool, layout: str, interleaved: bool, exact: bool,
+                             k_rotated: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the unrotated q, of k (unrotated unless k_rotated) and of v."""
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if backend == "torch":
         grads = _reference_attention_backward(*(_canonical(x, layout) for x in (grad_out, q, k, v)), positions,
-                                              inv_freq, cu_seqlens, scaling, softmax_scale, causal, interleaved, exact)
+                                              inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal,
+                                              interleaved, exact, k_rotated)
         for dst, grad in zip((dq, dk, dv), grads):
             _canonical(dst, layout).copy_(grad)
         return dq, dk, dv
     fused_backward(backend, *(_canonical(x, layout) for x in (grad_out, q, k, v, out)), lse,
                    *(_canonical(x, layout) for x in (dq, dk, dv)), positions, inv_freq, cu_seqlens, scaling,
-                   softmax_scale, causal, interleaved, exact)
+                   softmax_scale, causal, interleaved, exact, cu_seqlens_k=cu_seqlens_k, k_rotated=k_rotated)
     return dq, dk, dv
 
 
 @_rope_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal, layout,
-      interleaved, exact, backend):
+def _(grad_out, q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal,
+      layout, interleaved, exact, k_rotated, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, positions, inv_freq, cu_seqlens, *flags = inputs
+    q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, *flags = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, positions, inv_freq, cu_seqlens)
-    ctx.flags = flags  # scaling, softmax_scale, causal, layout, interleaved, exact, backend
+    ctx.save_for_backward(q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k)
+    ctx.flags = flags  # scaling, softmax_scale, causal, layout, interleaved, exact, k_rotated, backend
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, positions, inv_freq, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _rope_attention_backward(grad_out, q, k, v, out, lse, positions, inv_freq, cu_seqlens, *ctx.flags)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k = ctx.saved_tensors
+    dq, dk, dv = _rope_attention_backward(grad_out, q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k,
+                                          *ctx.flags)
+    return dq, dk, dv, *(None,) * 12
 
 
 _rope_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 # -------------------------------------------------------------------------------------------------------- public
+def _check_boundaries(q, k, layout, cu_seqlens, cu_seqlens_k, k_rotated) -> None:
+    """Free checks of the packed-sequence boundaries (their values: `checks.check_values`)."""
+    if layout != "thd":
+        if cu_seqlens is not None or cu_seqlens_k is not None:
+            raise ValueError("cu_seqlens/cu_seqlens_k describe packed sequences: use them with layout='thd'")
+        return
+    for name, cu in (("cu_seqlens", cu_seqlens), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu is not None:
+            checks.check_cu_seqlens(name, cu, q.device)
+    if cu_seqlens_k is None:
+        if q.shape[0] != k.shape[0]:
+            raise ValueError(f"packed q ({q.shape[0]} tokens) and k ({k.shape[0]} tokens) differ in length: pass "
+                             "both cu_seqlens and cu_seqlens_k")
+        return
+    if not k_rotated:
+        raise ValueError("cu_seqlens_k gives keys their own sequence lengths, which only already rotated keys can "
+                         "have: pass k_rotated=True")
+    if cu_seqlens is None:
+        raise ValueError("cu_seqlens_k needs cu_seqlens (the queries' boundaries)")
+    if cu_seqlens_k.numel() != cu_seqlens.numel():
+        raise ValueError(f"cu_seqlens_k must describe as many sequences as cu_seqlens, got {cu_seqlens_k.numel()} "
+                         f"and {cu_seqlens.numel()} entries")
+
+
 def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor | None,
                    spec: RopeSpec, *, causal: bool = True, softmax_scale: float | None = None, layout: str = "bhsd",
-                   cu_seqlens: torch.Tensor | None = None, interleaved: bool = False, backend: str | None = None,
+                   cu_seqlens: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+                   interleaved: bool = False, k_rotated: bool = False, backend: str | None = None,
                    check_positions: bool = True) -> torch.Tensor:
     """Attention over q and k rotated by their positions inside the kernel (rotated q/k never reach memory).
 
     Args:
-        q: unrotated queries `[B, Hq, S, D]` ("bhsd"), `[B, S, Hq, D]` ("bshd") or `[T, Hq, D]` ("thd").
-        k: unrotated keys, same layout with Hk heads (Hq % Hk == 0: GQA/MQA).
+        q: unrotated queries `[B, Hq, Sq, D]` ("bhsd"), `[B, Sq, Hq, D]` ("bshd") or `[Tq, Hq, D]` ("thd").
+        k: keys, same layout with Hk heads (Hq % Hk == 0: GQA/MQA); unrotated, at the queries' positions (Sk == Sq),
+            unless `k_rotated`.
         v: values, k's shape.
-        position_ids: int `[B, S]`, `[S]` or `[T]` (PoSE skips, packed restarts); None: 0..S-1 per sequence.
+        position_ids: int `[B, Sq]`, `[Sq]` or `[Tq]`: the queries' positions (PoSE skips, packed restarts); None:
+            0..Sq-1 per sequence.
         spec: the model's `RopeSpec` (partial rotary: dims past rotary_dim pass through unrotated).
-        causal: mask by token order within each sequence (not by position id).
+        causal: mask by token order within each sequence (not by position id); with more keys than queries the
+            queries are the sequence's last tokens (query i sees keys j <= i + Sk - Sq).
         softmax_scale: defaults to 1/sqrt(D).
-        cu_seqlens: int `[num_seqs + 1]` boundaries of the packed sequences ("thd"); no attention across them.
+        cu_seqlens: int `[num_seqs + 1]` boundaries of the packed query sequences ("thd"); no attention across them.
+        cu_seqlens_k: the packed key sequences' boundaries when they differ from the queries' (k_rotated only).
         interleaved: GPT-J pairs.
+        k_rotated: k already carries its rotation (`apply_rope`'s output, a cache of rotated keys), so it may be
+            longer than q: `[B, Hk, Sk, D]` with Sk >= Sq, or packed with `cu_seqlens_k`.
         backend: "cuda" (hand-written, fp16/bf16, head_dim 64/128), "triton", "torch" or None (Triton on GPUs, the
             torch reference on CPU).
+        check_positions: check the values of position_ids (in [0, 2^24)), cu_seqlens and cu_seqlens_k (from 0 to
+            the token counts, non-decreasing, at least as many keys as queries per sequence): one host sync;
+            skipped under torch.compile. Pass False only for inputs known to be valid: the kernels trust the
+            boundaries, and a bad one is an out-of-bounds memory access.
     Returns:
         out in q's layout and dtype.
     """
-    _check_qk(q, k, layout, spec)
-    if not isinstance(v, torch.Tensor) or v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
-        raise ValueError(f"v must match k in shape, dtype and device; got {tuple(getattr(v, 'shape', ()))} vs "
-                         f"{tuple(k.shape)}")
-    if v.stride(-1) != 1:
-        raise ValueError(f"v: the head dimension must be contiguous (stride 1), got stride {v.stride(-1)}")
-    n_q_heads, n_kv_heads = _canonical(q, layout).shape[2], _canonical(k, layout).shape[2]
-    if n_q_heads % n_kv_heads:
-        raise ValueError(f"q heads ({n_q_heads}) must be a multiple of k/v heads ({n_kv_heads})")
-    if layout != "thd" and cu_seqlens is not None:
-        raise ValueError("cu_seqlens describes packed sequences: use it with layout='thd'")
+    checks.check_spec(spec)
+    checks.check_flags(causal=causal, interleaved=interleaved, k_rotated=k_rotated, check_positions=check_positions)
+    checks.check_softmax_scale(softmax_scale)
+    checks.check_qk(q, k, layout, spec, keys_may_extend=k_rotated)
+    checks.check_v(v, k)
+    n_q_heads, n_kv_heads = checks.head_count(q, layout), checks.head_count(k, layout)
+    if n_q_heads < 1 or n_kv_heads < 1 or n_q_heads % n_kv_heads:
+        raise ValueError(f"q heads ({n_q_heads}) must be a positive multiple of k/v heads ({n_kv_heads})")
+    _check_boundaries(q, k, layout, cu_seqlens, cu_seqlens_k, k_rotated)
     backend = _pick(backend, q.device.type)
     head_dim = q.shape[-1]
     if backend == "triton":
-        if head_dim < 32 or head_dim & (head_dim - 1) or head_dim > 256:
-            raise ValueError(f"the fused Triton kernel takes head_dim 32, 64, 128 or 256, got {head_dim}")
+        if head_dim > 256:
+            raise ValueError(f"the fused Triton kernel takes head_dim up to 256, got {head_dim}")
     if backend == "cuda":
         if q.dtype not in _DTYPE_TAGS:
             raise TypeError(f"the fused CUDA kernel takes float16 or bfloat16, got {q.dtype}; use backend='triton'")
         if head_dim not in (64, 128):
             raise ValueError(f"the fused CUDA kernel takes head_dim 64 or 128, got {head_dim}; use backend='triton'")
-    positions = _positions_2d(position_ids, q, layout, cu_seqlens)
-    compiling = torch.compiler.is_compiling()
-    seq_len = _check_range(positions) if (check_positions or spec.is_dynamic) and not compiling else None
-    if spec.is_dynamic and seq_len is None:
-        seq_len = int(positions.max()) + 1
+    positions = checks.positions_2d(position_ids, q, layout, cu_seqlens)
+    seq_len = checks.check_values(positions, check=check_positions, want_max=spec.is_dynamic, cu_seqlens=cu_seqlens,
+                                  n_tokens=q.shape[0], cu_seqlens_k=cu_seqlens_k, n_keys=k.shape[0])
     inv_freq = spec.inv_freq_for(seq_len) if spec.is_dynamic else spec.inv_freq
     inv_freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    cu_seqlens, cu_seqlens_k = (None if cu is None else cu.to(torch.int32).contiguous()
+                                for cu in (cu_seqlens, cu_seqlens_k))
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
-    out, _ = _rope_attention(q, k, v, positions, inv_freq, cu_seqlens, float(spec.attention_scaling), scale, causal,
-                             layout, interleaved, spec.angle == "exact", backend)
+    out, _ = _rope_attention(q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, float(spec.attention_scaling),
+                             scale, causal, layout, interleaved, spec.angle == "exact", k_rotated, backend)
     return out

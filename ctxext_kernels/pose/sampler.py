@@ -17,8 +17,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-METHODS = ("pose", "full", "randpos")
+METHODS = ("pose", "full", "randpos", "contiguous")
 CONTENT_STRATEGIES = ("random", "zero", "same")
+# How chunk lengths are drawn: "paper" (appendix: a uniformly random composition of Lc into N positive parts, so
+# l_0 ~ U{1, ..., Lc-1} for N = 2) or "authors" (dwzhu-pku/PoSE train_pose.py, N = 2 only: l_0 ~ U{1, ..., ceil(Lc/2)},
+# which leaves on average 3/4 of the tokens, not 1/2, in the skipped second chunk).
+CHUNK_LENGTH_RULES = ("paper", "authors")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,14 +65,22 @@ class PoseSampler:
         (the tokens that really sit at those positions: the document needs >= Lt tokens).
     seed : int
         Seed of the sampler's generator.
+    chunk_lengths : {"paper", "authors"}
+        "paper" (default, the paper's appendix): the N lengths are a uniformly random composition of Lc, so with
+        N = 2 the first chunk has l_0 ~ U{1, ..., Lc-1} tokens and half of all tokens sit in the skipped chunk.
+        "authors" (their released training code, N = 2 only): l_0 ~ U{1, ..., ceil(Lc/2)}, so three quarters of the
+        tokens sit in the skipped chunk, which trains long distances more often.
     method : {"pose", "full", "randpos"}
         "full": the full-length baseline, Lt contiguous tokens (random offset) with positions 0 ... Lt-1.
         "randpos": the paper's RandPos baseline, Lc contiguous tokens (random offset) with Lc distinct positions drawn
         uniformly from [0, Lt) and sorted.
+        "contiguous": the control for PoSE's skips: exactly PoSE's tokens (the same draws, so the same seed gives the
+        same chunks) at positions 0 ... Lc-1, i.e. every skip u_i = 0. Fine-tuning with it separates "adapted to the
+        rescaled RoPE" from "learned the skipped distances".
     """
 
     def __init__(self, original_window: int, target_length: int, num_chunks: int = 2, content: str = "random",
-                 seed: int = 0, method: str = "pose"):
+                 seed: int = 0, method: str = "pose", chunk_lengths: str = "paper"):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if content not in CONTENT_STRATEGIES:
@@ -78,6 +90,11 @@ class PoseSampler:
         if original_window >= target_length:
             raise ValueError(f"original_window (Lc={original_window}) must be smaller than target_length "
                              f"(Lt={target_length}): PoSE extends a window, it cannot shrink or keep it")
+        if chunk_lengths not in CHUNK_LENGTH_RULES:
+            raise ValueError(f"chunk_lengths must be one of {CHUNK_LENGTH_RULES}, got {chunk_lengths!r}")
+        if chunk_lengths == "authors" and method in ("pose", "contiguous") and num_chunks != 2:
+            raise ValueError(f"chunk_lengths='authors' is the authors' two-chunk rule; num_chunks must be 2, got "
+                             f"{num_chunks}")
         if not 1 <= num_chunks <= original_window:
             raise ValueError(f"num_chunks must be between 1 and original_window (Lc={original_window}) since every "
                              f"chunk holds at least one token, got {num_chunks}")
@@ -85,6 +102,7 @@ class PoseSampler:
         self.target_length = target_length
         self.num_chunks = num_chunks
         self.content = content
+        self.chunk_lengths = chunk_lengths
         self.method = method
         self.seed = seed
         self._rng = np.random.Generator(np.random.PCG64(seed))
@@ -97,7 +115,7 @@ class PoseSampler:
     @property
     def min_document_length(self) -> int:
         """The fewest tokens a document needs: Lt for "full" and content "same", Lc otherwise."""
-        if self.method == "full" or (self.method == "pose" and self.content == "same"):
+        if self.method == "full" or (self.method in ("pose", "contiguous") and self.content == "same"):
             return self.target_length
         return self.original_window
 
@@ -116,18 +134,23 @@ class PoseSampler:
     def draw_layout(self, document_length: int) -> ChunkLayout:
         """Draw the chunk lengths, position skips u_i and content skips v_i of one PoSE sample for a document of
         `document_length` tokens (method "pose" only)."""
-        if self.method != "pose":
-            raise ValueError(f"chunk layouts exist for method 'pose' only, this sampler is {self.method!r}")
+        if self.method not in ("pose", "contiguous"):
+            raise ValueError(f"chunk layouts exist for methods 'pose' and 'contiguous' only, this sampler is "
+                             f"{self.method!r}")
         self._check_document(document_length)
         lc, lt = self.original_window, self.target_length
-        # N - 1 distinct cut points in 1 ... Lc-1: a uniformly random composition of Lc into N positive lengths
-        cuts = np.sort(self._rng.choice(np.arange(1, lc), size=self.num_chunks - 1, replace=False))
+        if self.chunk_lengths == "authors":  # one cut, l_0 ~ U{1, ..., ceil(Lc/2)}
+            cuts = np.array([self._uniform(1, (lc + 1) // 2)])
+        else:  # N - 1 distinct cut points in 1 ... Lc-1: a uniformly random composition of Lc into N positive lengths
+            cuts = np.sort(self._rng.choice(np.arange(1, lc), size=self.num_chunks - 1, replace=False))
         bounds = [0, *(int(c) for c in cuts), lc]
         lengths = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:]))
         starts = tuple(bounds[:-1])
         skips = [0]
         for _ in range(1, self.num_chunks):
             skips.append(self._uniform(skips[-1], lt - lc))
+        if self.method == "contiguous":  # drawn all the same, so the generator stays in step with PoSE's
+            skips = [0] * self.num_chunks
         if self.content == "zero":
             offsets = [0] * self.num_chunks
         elif self.content == "same":
@@ -155,7 +178,7 @@ class PoseSampler:
             raise ValueError(f"tokens must be a 1-D integer tensor, got {tuple(tokens.shape)} {tokens.dtype}")
         tokens = tokens.long()
         self._check_document(tokens.numel())
-        if self.method == "pose":
+        if self.method in ("pose", "contiguous"):
             layout = self.draw_layout(tokens.numel())
             return tokens[layout.token_indices()], layout.position_ids()
         length = self.sample_length
@@ -169,18 +192,27 @@ class PoseSampler:
     def _check_document(self, document_length: int) -> None:
         if document_length < self.min_document_length:
             why = ("full-length training" if self.method == "full" else
-                   "content='same'" if self.content == "same" and self.method == "pose" else "one sample")
+                   "content='same'" if self.content == "same" and self.method in ("pose", "contiguous") else
+                   "one sample")
             raise ValueError(f"document has {document_length} tokens but {why} needs at least "
                              f"{self.min_document_length} (Lc={self.original_window}, Lt={self.target_length})")
 
 
 class PoseCollator:
-    """Turn documents into training batches `{input_ids, labels, position_ids}`, each `[B, samples_per_row * L]`.
+    """Turn documents into training batches `{input_ids, labels, position_ids[, attention_mask]}`, each
+    `[B, samples_per_row * L]`.
+
+    One sample per row (the default) comes with an all-ones `attention_mask`, and it is not decoration: transformers
+    >= 5, given position ids but no mask and no cache (i.e. in training), reads every place where the ids do not step
+    by one as the start of another packed sequence and blocks attention across it, which would cut each PoSE chunk off
+    from the chunks before it. With the mask each row is one causal sequence.
 
     With `samples_per_row > 1` consecutive samples are packed into one row; the position ids restart with every sample
     (each PoSE sample starts at position 0) and the first label of every packed sample after the first is -100, so no
-    token is trained to predict the start of an unrelated sample. Attention only stays within a sample when the
-    attention backend splits rows at those restarts (packed flash-attention does; plain SDPA does not).
+    token is trained to predict the start of an unrelated sample. Such rows get no mask: attention must stay within a
+    sample but cross PoSE's skips, which only a backend that splits rows at restarts alone does
+    (`attn_implementation="ctxext"` on a batch of one row, or flash-attention with `cu_seqlens`); stock transformers
+    5 splits at the skips too.
 
     Parameters
     ----------
@@ -206,5 +238,8 @@ class PoseCollator:
         if self.samples_per_row > 1:
             labels.view(-1, self.samples_per_row, labels.shape[-1])[:, 1:, 0] = -100
         rows = len(documents) // self.samples_per_row
-        return {"input_ids": input_ids.reshape(rows, -1), "labels": labels.reshape(rows, -1),
-                "position_ids": position_ids.reshape(rows, -1)}
+        batch = {"input_ids": input_ids.reshape(rows, -1), "labels": labels.reshape(rows, -1),
+                 "position_ids": position_ids.reshape(rows, -1)}
+        if self.samples_per_row == 1:
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        return batch
