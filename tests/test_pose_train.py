@@ -14,6 +14,8 @@ from ctxext_kernels.pose.checkpoint import SUMS_FILE
 from pose_fixtures import TINY_WINDOW, save_tiny_llama, train_argv, write_corpus
 
 LT = 4 * TINY_WINDOW
+# these runs simulate an interruption by a shorter --steps, which the linear decay (ending at --steps) refuses on resume
+CONSTANT = ("--schedule", "constant")
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +30,14 @@ def run(model, data, output, *extra):
 
 def test_train_resume_and_output(workspace, tmp_path):
     model, data = workspace
-    run(model, data, tmp_path / "straight", "--checkpoint-every", "0")
+    run(model, data, tmp_path / "straight", "--checkpoint-every", "0", *CONSTANT)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
 
     # interrupted after step 2 (a checkpoint at step 2, stopped), then resumed to step 4
-    run(model, data, tmp_path / "resumed", "--checkpoint-every", "2", "--steps", "3")
+    run(model, data, tmp_path / "resumed", "--checkpoint-every", "2", "--steps", "3", *CONSTANT)
     assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step-0000002"]
-    run(model, data, tmp_path / "resumed", "--checkpoint-every", "2")
+    run(model, data, tmp_path / "resumed", "--checkpoint-every", "2", *CONSTANT)
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # the interrupted run's step 3 was replaced by the resumed run's
     record = json.loads((tmp_path / "resumed" / "pose_training.json").read_text())
@@ -73,7 +75,7 @@ def interrupted(workspace, tmp_path_factory):
     """An output folder whose run stopped after step 3 with a checkpoint at step 2."""
     model, data = workspace
     output = tmp_path_factory.mktemp("interrupted") / "out"
-    run(model, data, output, "--checkpoint-every", "2", "--steps", "3")
+    run(model, data, output, "--checkpoint-every", "2", "--steps", "3", *CONSTANT)
     return output
 
 
@@ -87,6 +89,7 @@ def tree_digest(folder) -> dict:
     (("--weight-decay", "0.1"), "--weight-decay 0.0 in the checkpoint, 0.1 now"),
     (("--warmup-steps", "3"), "--warmup-steps 2 in the checkpoint, 3 now"),
     (("--seed", "1"), "--seed 0 in the checkpoint, 1 now"),
+    (("--schedule", "linear"), "--schedule constant in the checkpoint, linear now"),
     (("--steps", "1"), "is at step 2, past --steps 1"),
     (("--data", "OTHER"), "was trained on other data: token stream SHA-256"),
     (("--model", "OTHER"), "from another model config: rms_norm_eps 1e-06 in the checkpoint, 0.001 now"),
@@ -103,7 +106,7 @@ def test_resume_refuses_changed_settings(workspace, interrupted, tmp_path, chang
         change = ("--model", str(tmp_path / "other"))
     before = tree_digest(interrupted)
     with pytest.raises(SystemExit, match=named):
-        run(model, data, interrupted, "--checkpoint-every", "2", *change)
+        run(model, data, interrupted, "--checkpoint-every", "2", *CONSTANT, *change)
     assert tree_digest(interrupted) == before
 
 
@@ -139,7 +142,7 @@ def test_loading_a_checkpoint_runs_no_code(workspace, interrupted, tmp_path):
     sums = [f"{hashlib.sha256((checkpoint / n).read_bytes()).hexdigest()}  {n}\n" for n in ("state.pt", "meta.json")]
     (checkpoint / SUMS_FILE).write_text("".join(sums))
     with pytest.raises(SystemExit, match="step-0000002 cannot be read"):
-        run(model, data, output, "--checkpoint-every", "2")
+        run(model, data, output, "--checkpoint-every", "2", *CONSTANT)
     assert not marker.exists()
 
 
@@ -170,3 +173,35 @@ def test_ddp_under_torchrun_matches_one_process(workspace, tmp_path):
     ddp = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp").state_dict()
     for name, value in single.items():
         torch.testing.assert_close(ddp[name], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("warmup, total", [(10, 1000), (2, 4), (0, 5), (7, 7), (3, 50)])
+def test_linear_schedule_is_transformers_get_linear_schedule_with_warmup(warmup, total):
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    oracle = get_linear_schedule_with_warmup(optimizer, warmup, total)
+    ours = pose_train.lr_multiplier("linear", warmup, total)
+    for k in range(total + 1):
+        assert ours(k) == pytest.approx(oracle.get_last_lr()[0], abs=1e-12), k
+        optimizer.step()
+        oracle.step()
+
+
+def test_linear_schedule_run_and_bit_exact_resume(workspace, tmp_path):
+    """The default schedule: each step's recorded lr is transformers' linear schedule (warm-up 2, 0 after step 4), and
+    a run resumed from its step-2 checkpoint ends with the same weights; a resume with another --steps is refused."""
+    from transformers import AutoModelForCausalLM
+
+    model, data = workspace
+    run(model, data, tmp_path / "out", "--checkpoint-every", "2")
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([0.0, 0.5e-3, 1e-3, 0.5e-3])
+    straight = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    shutil.copytree(tmp_path / "out" / "checkpoints", tmp_path / "again" / "checkpoints")
+    run(model, data, tmp_path / "again", "--checkpoint-every", "2")
+    resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "again").state_dict()
+    for name, value in straight.items():
+        assert torch.equal(resumed[name], value), name
+    with pytest.raises(SystemExit, match="--steps 4 in the checkpoint, 5 now"):
+        run(model, data, tmp_path / "again", "--checkpoint-every", "2", "--steps", "5")

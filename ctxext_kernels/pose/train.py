@@ -1,7 +1,8 @@
 """`ctxext-train`: PoSE (or full-length / RandPos) fine-tuning of a RoPE causal LM to a longer context.
 
-A thin loop on plain PyTorch + transformers: AdamW, linear warm-up then constant learning rate (the paper's recipe:
-lr 2e-5, 10 warm-up steps, global batch 64, 1000 steps), gradient accumulation, bf16 autocast on GPU, optional gradient
+A thin loop on plain PyTorch + transformers: AdamW, the learning rate warmed up linearly then decayed linearly to 0 at
+the last step (the authors' recipe, transformers' `get_linear_schedule_with_warmup`: lr 2e-5, 10 warm-up steps, global
+batch 64, 1000 steps; `--schedule constant` holds it after the warm-up instead), gradient accumulation, bf16 autocast on GPU, optional gradient
 checkpointing, DDP or FSDP2 (`fully_shard`) under torchrun. The result is a transformers model folder with the new RoPE
 scaling.
 
@@ -47,11 +48,12 @@ PROG = "ctxext-train"
 # settings that decide what a step computes: a resumed run must keep them (it is refused otherwise, naming them);
 # every other setting may change on resume and each stretch of the run is recorded with its own settings
 RESUME_MUST_MATCH = ("method", "original_window", "target_length", "num_chunks", "content", "rope_type",
-                     "rope_factor", "trained_window", "lr", "warmup_steps", "weight_decay", "max_grad_norm",
+                     "rope_factor", "trained_window", "lr", "schedule", "warmup_steps", "weight_decay", "max_grad_norm",
                      "global_batch", "micro_batch", "seed", "lora_rank", "lora_alpha")
 # config entries that name a file or a run-time switch rather than the model
 VOLATILE_CONFIG_KEYS = ("transformers_version", "use_cache", "dtype", "torch_dtype", "output_attentions",
                         "output_hidden_states", "return_dict")
+SCHEDULES = ("linear", "constant")
 RECORD_FILE = "pose_training.json"  # written last into OUTPUT: present only when the whole model is
 LORA_OUTPUTS = ("merged", "adapter")
 
@@ -76,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trained-window", type=positive_int, default=None,
                    help="the context the model was trained on (default: its max_position_embeddings)")
     p.add_argument("--lr", type=positive_float, default=2e-5)
+    p.add_argument("--schedule", choices=SCHEDULES, default="linear",
+                   help="learning rate after the warm-up: linear = decay to 0 at the last step (the authors' HF "
+                        "Trainer default), constant = hold --lr")
     p.add_argument("--warmup-steps", type=non_negative_int, default=10)
     p.add_argument("--steps", type=positive_int, default=1000, help="optimizer steps")
     p.add_argument("--global-batch", type=positive_int, default=64, help="samples per optimizer step (all ranks)")
@@ -265,16 +270,18 @@ def find_resume_checkpoint(args, folder: Path, main: bool, report) -> Checkpoint
 
 def check_resume_settings(checkpoint: Checkpoint, args) -> None:
     """Refuse a resume whose settings would change what the remaining steps compute, naming each difference."""
+    if checkpoint.step > args.steps:
+        raise ValueError(f"checkpoint {checkpoint.path} is at step {checkpoint.step}, past --steps {args.steps}: "
+                         f"pass --steps {checkpoint.step} or more, or start a new run with --output elsewhere")
     saved = checkpoint.meta["segments"][-1]["settings"]
     now = settings_record(args)
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)} in the checkpoint, {now[k]} now" for k in RESUME_MUST_MATCH
+    # the linear decay reaches 0 at --steps, so every step's learning rate depends on it
+    must_match = RESUME_MUST_MATCH + (("steps",) if args.schedule == "linear" else ())
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} in the checkpoint, {now[k]} now" for k in must_match
                if saved.get(k) != now[k]]
     if changed:
         raise ValueError(f"checkpoint {checkpoint.path} was written with other settings: {'; '.join(changed)}. Resume "
                          "with the checkpoint's settings, or start a new run with --output elsewhere")
-    if checkpoint.step > args.steps:
-        raise ValueError(f"checkpoint {checkpoint.path} is at step {checkpoint.step}, past --steps {args.steps}: "
-                         f"pass --steps {checkpoint.step} or more, or start a new run with --output elsewhere")
 
 
 def check_resume_inputs(checkpoint: Checkpoint, data_sha256: str, documents: int, model_config: dict) -> None:
@@ -337,8 +344,16 @@ def open_metrics(path: Path, resumed_step: int):
     return path.open("a")
 
 
-def warmup_then_constant(warmup_steps: int):
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+def lr_multiplier(schedule: str, warmup_steps: int, total_steps: int):
+    """The `LambdaLR` multiplier of --lr for 0-based optimizer step k.
+
+    linear: k / warmup during the warm-up (step 0 trains at lr 0, as in transformers' `get_linear_schedule_with_warmup`
+    that the authors' HF Trainer runs), then (total - k) / (total - warmup), reaching 0 at the end.
+    constant: (k + 1) / warmup during the warm-up, then 1."""
+    if schedule == "constant":
+        return lambda k: min(1.0, (k + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    return lambda k: k / max(1, warmup_steps) if k < warmup_steps else \
+        max(0.0, (total_steps - k) / max(1, total_steps - warmup_steps))
 
 
 def load_documents(args, tokenizer, min_tokens: int, progress: bool) -> list[torch.Tensor]:
@@ -396,7 +411,8 @@ def _train(args, runtime: Runtime, sampler: PoseSampler, model, tokenizer) -> Pa
 
     wrapped = wrap_model(model, runtime, args.fsdp)
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(args.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(args.schedule, args.warmup_steps,
+                                                                           args.steps))
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and runtime.device.type == "cuda")
     autocast = (lambda: torch.autocast(runtime.device.type, dtype=torch.bfloat16)) if use_bf16 else \
         contextlib.nullcontext
@@ -455,12 +471,13 @@ def _train(args, runtime: Runtime, sampler: PoseSampler, model, tokenizer) -> Pa
             kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
             raise RuntimeError(f"step {step + 1}: the loss is {loss_value} and the gradient norm {grad_value}; "
                                f"stopped before the optimizer step, {kept} (lower --lr or check the data)")
+        lr = scheduler.get_last_lr()[0]  # the rate this step trains with
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         seconds = time.perf_counter() - started
-        record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_value,
+        record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_value,
                   "tokens_per_s": tokens / seconds, "step_s": seconds, "peak_mem_mib": peak_memory_mib(runtime.device)}
         if metrics_file:
             with disk_space_errors(args.output):
