@@ -90,6 +90,7 @@ def tree_digest(folder) -> dict:
     (("--warmup-steps", "3"), "--warmup-steps 2 in the checkpoint, 3 now"),
     (("--seed", "1"), "--seed 0 in the checkpoint, 1 now"),
     (("--schedule", "linear"), "--schedule constant in the checkpoint, linear now"),
+    (("--chunk-lengths", "authors"), "--chunk-lengths paper in the checkpoint, authors now"),
     (("--steps", "1"), "is at step 2, past --steps 1"),
     (("--data", "OTHER"), "was trained on other data: token stream SHA-256"),
     (("--model", "OTHER"), "from another model config: rms_norm_eps 1e-06 in the checkpoint, 0.001 now"),
@@ -205,3 +206,70 @@ def test_linear_schedule_run_and_bit_exact_resume(workspace, tmp_path):
         assert torch.equal(resumed[name], value), name
     with pytest.raises(SystemExit, match="--steps 4 in the checkpoint, 5 now"):
         run(model, data, tmp_path / "again", "--checkpoint-every", "2", "--steps", "5")
+
+
+def test_ntk_is_the_papers_static_ntk_and_loads_in_stock_transformers(workspace, tmp_path):
+    """--rope-type ntk: rope_theta' = rope_theta x s^(d/(d-2)) saved as a "default" RoPE; stock transformers' inv_freq
+    of the saved model is rope_theta'^(-2i/d), whose lowest frequency is the original's divided by s exactly."""
+    from transformers import AutoModelForCausalLM
+
+    model, data = workspace
+    run(model, data, tmp_path / "ntk", "--rope-type", "ntk", "--steps", "1", "--global-batch", "2",
+        "--checkpoint-every", "0")
+    factor, theta, d = LT / TINY_WINDOW, 10000.0, 8  # the tiny model: head_dim 32 / 4 heads, rope_theta 1e4
+    new_theta = theta * factor ** (d / (d - 2))
+    saved = json.loads((tmp_path / "ntk" / "config.json").read_text())
+    assert saved["max_position_embeddings"] == LT
+    assert saved["rope_parameters"]["rope_type"] == "default"
+    assert saved["rope_parameters"]["rope_theta"] == pytest.approx(new_theta, rel=1e-12)
+    record = json.loads((tmp_path / "ntk" / "pose_training.json").read_text())["rope_scaling"]
+    assert (record["rope_type"], record["factor"], record["original_rope_theta"]) == ("ntk", factor, theta)
+    inv_freq = AutoModelForCausalLM.from_pretrained(tmp_path / "ntk").model.rotary_emb.inv_freq.double()
+    expected = new_theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    torch.testing.assert_close(inv_freq, expected, rtol=1e-6, atol=0)
+    assert expected[-1].item() == pytest.approx(theta ** (-(d - 2) / d) / factor, rel=1e-12)
+
+
+def test_dynamic_and_bad_combinations_are_refused_before_loading(workspace, tmp_path):
+    model, data = workspace
+    for extra, message in [(("--rope-type", "dynamic"), "--rope-type dynamic cannot train a window.*--rope-type ntk"),
+                           (("--chunk-lengths", "authors", "--num-chunks", "3"), "needs --num-chunks 2, got 3"),
+                           (("--method", "full", "--min-document-tokens", "100"),
+                            f"--min-document-tokens 100 is less than the {LT} tokens")]:
+        with pytest.raises(SystemExit, match=message):
+            run(model, data, tmp_path / "out", *extra)
+        assert not (tmp_path / "out").exists()
+
+
+def test_chunk_lengths_reach_the_sampler(workspace, tmp_path, monkeypatch):
+    made = []
+
+    class Recording(pose_train.PoseSampler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.chunk_lengths)
+
+    monkeypatch.setattr(pose_train, "PoseSampler", Recording)
+    model, data = workspace
+    run(model, data, tmp_path / "out", "--chunk-lengths", "authors", "--steps", "1", "--global-batch", "2",
+        "--checkpoint-every", "0")
+    assert made and set(made) == {"authors"}
+
+
+def test_min_document_tokens_gives_pose_the_full_baselines_documents(workspace, tmp_path):
+    """A document longer than Lc but shorter than Lt: PoSE keeps it by default, the full-length baseline cannot;
+    with --min-document-tokens Lt both train on the same token stream."""
+    model, data = workspace
+    corpus = tmp_path / "corpus"
+    shutil.copytree(data, corpus)
+    (corpus / "middle.txt").write_text("x" * (LT // 2))  # one token per byte: Lc < LT/2 < Lt
+    one_step = ("--steps", "1", "--global-batch", "2", "--checkpoint-every", "0")
+
+    def data_record(name, *extra):
+        run(model, corpus, tmp_path / name, *one_step, *extra)
+        return json.loads((tmp_path / name / "pose_training.json").read_text())["data"]
+
+    pose, full = data_record("pose"), data_record("full", "--method", "full")
+    same = data_record("same", "--min-document-tokens", str(LT))
+    assert pose["documents"] == full["documents"] + 1
+    assert same == full

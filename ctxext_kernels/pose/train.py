@@ -41,13 +41,13 @@ from .cli import (TEMPORARY_PREFIX, atomic_write_text, check_output_folder, cont
                   fsync_folder, non_negative_float, non_negative_int, output_lock, positive_float, positive_int,
                   rope_factor, run_cli, settings_record, warn)
 from .data import DocumentStream, fingerprint, python_docs_path, read_texts, tokenize_documents
-from .modeling import ROPE_TYPES, load_model, select_rope, split_model_path
-from .sampler import CONTENT_STRATEGIES, METHODS, PoseCollator, PoseSampler
+from .modeling import ROPE_TYPES, describe_rope_scaling, load_model, select_rope, split_model_path
+from .sampler import CHUNK_LENGTH_RULES, CONTENT_STRATEGIES, METHODS, PoseCollator, PoseSampler
 
 PROG = "ctxext-train"
 # settings that decide what a step computes: a resumed run must keep them (it is refused otherwise, naming them);
 # every other setting may change on resume and each stretch of the run is recorded with its own settings
-RESUME_MUST_MATCH = ("method", "original_window", "target_length", "num_chunks", "content", "rope_type",
+RESUME_MUST_MATCH = ("method", "original_window", "target_length", "num_chunks", "content", "chunk_lengths", "rope_type",
                      "rope_factor", "trained_window", "lr", "schedule", "warmup_steps", "weight_decay", "max_grad_norm",
                      "global_batch", "micro_batch", "seed", "lora_rank", "lora_alpha")
 # config entries that name a file or a run-time switch rather than the model
@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Lt: context length to extend to (at most 2^24)")
     p.add_argument("--num-chunks", type=positive_int, default=2)
     p.add_argument("--content", choices=CONTENT_STRATEGIES, default="random")
+    p.add_argument("--chunk-lengths", choices=CHUNK_LENGTH_RULES, default="paper",
+                   help="how PoSE cuts Lc into chunks: paper = a uniformly random composition (the paper's appendix; "
+                        "the default, since it is the published method), authors = their released code's two-chunk "
+                        "rule l_0 ~ U{1..ceil(Lc/2)}, which puts 3/4 of the tokens in the skipped chunk")
     p.add_argument("--rope-type", choices=ROPE_TYPES, default="linear")
     p.add_argument("--rope-factor", type=rope_factor, default=None,
                    help="RoPE scale factor >= 1 (default: target length / the model's trained window)")
@@ -104,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default="auto",
                    help="'auto' (latest checkpoint in OUTPUT/checkpoints if any), 'never', or a checkpoint folder")
     p.add_argument("--max-documents", type=positive_int, default=None, help="use at most this many documents")
+    p.add_argument("--min-document-tokens", type=positive_int, default=None,
+                   help="skip documents shorter than this (default: what one sample of --method needs, Lt for full "
+                        "and --content same, Lc otherwise); to train two methods on the same documents, e.g. PoSE "
+                        "against the full-length baseline at the same Lt, pass the larger need (Lt) to both")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--no-kernels", action="store_true", help="keep stock transformers RoPE")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -124,6 +132,19 @@ def validate_settings(args, world_size: int) -> None:
     if args.num_chunks > args.original_window:
         raise ValueError(f"--num-chunks {args.num_chunks} is more than --original-window {args.original_window} "
                          "tokens (every chunk holds one token at least)")
+    if args.chunk_lengths == "authors" and args.method in ("pose", "contiguous") and args.num_chunks != 2:
+        raise ValueError(f"--chunk-lengths authors is the authors' two-chunk rule; it needs --num-chunks 2, got "
+                         f"{args.num_chunks}")
+    need = PoseSampler(args.original_window, args.target_length, args.num_chunks, args.content, method=args.method,
+                       chunk_lengths=args.chunk_lengths).min_document_length
+    if args.min_document_tokens is not None and args.min_document_tokens < need:
+        raise ValueError(f"--min-document-tokens {args.min_document_tokens} is less than the {need} tokens one "
+                         f"--method {args.method} sample needs (Lc={args.original_window}, Lt={args.target_length})")
+    if args.rope_type == "dynamic":
+        raise ValueError("--rope-type dynamic cannot train a window: the saved config says max_position_embeddings = "
+                         "--target-length, and dynamic NTK only rescales positions beyond that, so every training "
+                         "position would see the original RoPE; use --rope-type ntk (static NTK, the paper's: "
+                         "rope_theta x factor^(d/(d-2)))")
     check_output_folder(args.output)
     split_model_path(args.model)
     data = args.data or python_docs_path()
@@ -374,7 +395,7 @@ def train(args, model=None, tokenizer=None) -> Path:
     runtime = Runtime()
     validate_settings(args, runtime.world_size)
     sampler = PoseSampler(args.original_window, args.target_length, args.num_chunks, args.content, args.seed,
-                          args.method)
+                          args.method, chunk_lengths=args.chunk_lengths)
     with output_lock(args.output, PROG) if runtime.main else contextlib.nullcontext():
         return _train(args, runtime, sampler, model, tokenizer)
 
@@ -391,6 +412,8 @@ def _train(args, runtime: Runtime, sampler: PoseSampler, model, tokenizer) -> Pa
     runtime.barrier()  # rank 0 has set corrupt checkpoints aside
     torch.manual_seed(args.seed)
 
+    rope_scaling = describe_rope_scaling(args.model, args.rope_type, args.target_length, args.rope_factor,
+                                         args.trained_window)
     if model is None:
         model, tokenizer = load_model(args.model, rope_type=args.rope_type, target_length=args.target_length,
                                       rope_factor=args.rope_factor, trained_window=args.trained_window,
@@ -402,7 +425,7 @@ def _train(args, runtime: Runtime, sampler: PoseSampler, model, tokenizer) -> Pa
     model.config.use_cache = False
     model_config = model_identity(model.config)
     model = add_lora(model, args)
-    documents = load_documents(args, tokenizer, sampler.min_document_length, progress)
+    documents = load_documents(args, tokenizer, args.min_document_tokens or sampler.min_document_length, progress)
     data_sha256 = fingerprint(documents)
     if resume is not None:
         check_resume_inputs(resume, data_sha256, len(documents), model_config)
@@ -503,8 +526,8 @@ def _train(args, runtime: Runtime, sampler: PoseSampler, model, tokenizer) -> Pa
     model_state, _ = model_optimizer_state(wrapped, optimizer, args.fsdp) if args.fsdp else (None, None)
     if runtime.main:
         save_final_model(model, tokenizer, args, model_state,
-                         {"settings": settings_record(args), "segments": segments, "steps": step,
-                          "data": {"sha256": data_sha256, "documents": len(documents)}})
+                         {"settings": settings_record(args), "rope_scaling": rope_scaling, "segments": segments,
+                          "steps": step, "data": {"sha256": data_sha256, "documents": len(documents)}})
     runtime.barrier()
     return args.output
 
