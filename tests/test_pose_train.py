@@ -273,3 +273,42 @@ def test_min_document_tokens_gives_pose_the_full_baselines_documents(workspace, 
     same = data_record("same", "--min-document-tokens", str(LT))
     assert pose["documents"] == full["documents"] + 1
     assert same == full
+
+
+@pytest.mark.parametrize("method", ["pose", "full"])
+def test_samples_start_with_the_bos_the_tokenizer_adds(workspace, tmp_path, monkeypatch, method):
+    """A tokenizer whose post-processor puts BOS first: every training sample starts with it at position 0."""
+    from tokenizers import processors
+
+    from pose_fixtures import byte_tokenizer
+
+    model, data = workspace
+    shutil.copytree(model, tmp_path / "model")
+    tokenizer = byte_tokenizer()
+    bos = tokenizer.convert_tokens_to_ids("</s>")
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="</s> $A",
+                                                                               special_tokens=[("</s>", bos)])
+    tokenizer.bos_token = "</s>"
+    tokenizer.save_pretrained(tmp_path / "model")
+    starts = []
+
+    class Recording(pose_train.PoseSampler):
+        def sample(self, tokens):
+            ids, positions = super().sample(tokens)
+            starts.append((int(ids[0]), int(positions[0])))
+            return ids, positions
+
+    monkeypatch.setattr(pose_train, "PoseSampler", Recording)
+    run(tmp_path / "model", data, tmp_path / "out", "--method", method, "--steps", "1", "--global-batch", "2",
+        "--checkpoint-every", "0")
+    assert starts and set(starts) == {(bos, 0)}
+    assert json.loads((tmp_path / "out" / "pose_training.json").read_text())["data"]["bos_token_id"] == bos
+
+
+def test_resume_refuses_another_bos():
+    from types import SimpleNamespace
+
+    checkpoint = SimpleNamespace(path="ckpt", meta={"bos_token_id": None, "data_sha256": "0", "model_config": {}})
+    pose_train.check_resume_inputs(checkpoint, "0", 1, {}, None)
+    with pytest.raises(ValueError, match="BOS token None first in every sample, this tokenizer adds 1"):
+        pose_train.check_resume_inputs(checkpoint, "0", 1, {}, 1)

@@ -164,6 +164,16 @@ def load_model(path: str | Path, *, rope_type: str | None = None, target_length:
     return model, tokenizer
 
 
+def leading_bos(tokenizer) -> int | None:
+    """The BOS token id the tokenizer puts before every text it encodes (through `add_bos_token` or its
+    post-processor), or None when it has none or adds none: asked by encoding a text, so either mechanism counts."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
 @contextlib.contextmanager
 def gguf_errors_named(path: Path, is_gguf: bool):
     """transformers reports a truncated GGUF file as a numpy reshape error: when loading fails and the gguf package

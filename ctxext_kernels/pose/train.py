@@ -41,7 +41,7 @@ from .cli import (TEMPORARY_PREFIX, atomic_write_text, check_output_folder, cont
                   fsync_folder, non_negative_float, non_negative_int, output_lock, positive_float, positive_int,
                   rope_factor, run_cli, settings_record, warn)
 from .data import DocumentStream, fingerprint, python_docs_path, read_texts, tokenize_documents
-from .modeling import ROPE_TYPES, describe_rope_scaling, load_model, select_rope, split_model_path
+from .modeling import ROPE_TYPES, describe_rope_scaling, leading_bos, load_model, select_rope, split_model_path
 from .sampler import CHUNK_LENGTH_RULES, CONTENT_STRATEGIES, METHODS, PoseCollator, PoseSampler
 
 PROG = "ctxext-train"
@@ -305,9 +305,14 @@ def check_resume_settings(checkpoint: Checkpoint, args) -> None:
                          "with the checkpoint's settings, or start a new run with --output elsewhere")
 
 
-def check_resume_inputs(checkpoint: Checkpoint, data_sha256: str, documents: int, model_config: dict) -> None:
-    """Refuse a resume on other training data (token-stream SHA-256) or another model config."""
+def check_resume_inputs(checkpoint: Checkpoint, data_sha256: str, documents: int, model_config: dict,
+                        bos_token_id: int | None) -> None:
+    """Refuse a resume on other training data (token-stream SHA-256, the BOS each sample starts with) or another
+    model config."""
     meta = checkpoint.meta
+    if meta.get("bos_token_id") != bos_token_id:
+        raise ValueError(f"checkpoint {checkpoint.path} was trained with BOS token {meta.get('bos_token_id')} first in "
+                         f"every sample, this tokenizer adds {bos_token_id}; resume with the same tokenizer")
     if meta["data_sha256"] != data_sha256:
         raise ValueError(f"checkpoint {checkpoint.path} was trained on other data: token stream SHA-256 "
                          f"{meta['data_sha256'][:16]}... ({meta['data']['num_documents']} documents) in the "
@@ -425,10 +430,12 @@ def _train(args, runtime: Runtime, sampler: PoseSampler, model, tokenizer) -> Pa
     model.config.use_cache = False
     model_config = model_identity(model.config)
     model = add_lora(model, args)
+    # every sample starts with the BOS the tokenizer adds, at position 0, as the authors' samples do
+    sampler.bos_token_id = leading_bos(tokenizer)
     documents = load_documents(args, tokenizer, args.min_document_tokens or sampler.min_document_length, progress)
     data_sha256 = fingerprint(documents)
     if resume is not None:
-        check_resume_inputs(resume, data_sha256, len(documents), model_config)
+        check_resume_inputs(resume, data_sha256, len(documents), model_config, sampler.bos_token_id)
     stream = DocumentStream(documents, args.seed)
     collator = PoseCollator(sampler)
 
@@ -517,7 +524,8 @@ def _train(args, runtime: Runtime, sampler: PoseSampler, model, tokenizer) -> Pa
                     {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                      "torch_rng": torch.get_rng_state()},
                     {"sampler": sampler.state_dict(), "data": stream.state_dict(), "data_sha256": data_sha256,
-                     "model_config": model_config, "segments": segments}, args.keep_checkpoints)
+                     "bos_token_id": sampler.bos_token_id, "model_config": model_config, "segments": segments},
+                    args.keep_checkpoints)
             runtime.barrier()
     bar.close()
     if metrics_file:
@@ -527,7 +535,8 @@ def _train(args, runtime: Runtime, sampler: PoseSampler, model, tokenizer) -> Pa
     if runtime.main:
         save_final_model(model, tokenizer, args, model_state,
                          {"settings": settings_record(args), "rope_scaling": rope_scaling, "segments": segments,
-                          "steps": step, "data": {"sha256": data_sha256, "documents": len(documents)}})
+                          "steps": step, "data": {"sha256": data_sha256, "documents": len(documents),
+                                                  "bos_token_id": sampler.bos_token_id}})
     runtime.barrier()
     return args.output
 
