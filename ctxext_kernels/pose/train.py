@@ -2,9 +2,9 @@
 
 A thin loop on plain PyTorch + transformers: AdamW, the learning rate warmed up linearly then decayed linearly to 0 at
 the last step (the authors' recipe, transformers' `get_linear_schedule_with_warmup`: lr 2e-5, 10 warm-up steps, global
-batch 64, 1000 steps; `--schedule constant` holds it after the warm-up instead), gradient accumulation, bf16 autocast on GPU, optional gradient
-checkpointing, DDP or FSDP2 (`fully_shard`) under torchrun. The result is a transformers model folder with the new RoPE
-scaling.
+batch 64, 1000 steps; `--schedule constant` holds it after the warm-up instead), gradient accumulation, bf16 autocast
+on GPU, optional gradient checkpointing, DDP or FSDP2 (`fully_shard`) under torchrun. Every sample starts with the
+BOS token the tokenizer adds, at position 0. The result is a transformers model folder with the new RoPE scaling.
 
 Reliability: every setting is checked before the model loads; one run at a time owns --output (OUTPUT/.lock).
 Checkpoints (see `checkpoint.py`) hold everything a resumed run needs to continue bit for bit, carry SHA-256 sums and
@@ -47,9 +47,9 @@ from .sampler import CHUNK_LENGTH_RULES, CONTENT_STRATEGIES, METHODS, PoseCollat
 PROG = "ctxext-train"
 # settings that decide what a step computes: a resumed run must keep them (it is refused otherwise, naming them);
 # every other setting may change on resume and each stretch of the run is recorded with its own settings
-RESUME_MUST_MATCH = ("method", "original_window", "target_length", "num_chunks", "content", "chunk_lengths", "rope_type",
-                     "rope_factor", "trained_window", "lr", "schedule", "warmup_steps", "weight_decay", "max_grad_norm",
-                     "global_batch", "micro_batch", "seed", "lora_rank", "lora_alpha")
+RESUME_MUST_MATCH = ("method", "original_window", "target_length", "num_chunks", "content", "chunk_lengths",
+                     "rope_type", "rope_factor", "trained_window", "lr", "schedule", "warmup_steps", "weight_decay",
+                     "max_grad_norm", "global_batch", "micro_batch", "seed", "lora_rank", "lora_alpha")
 # config entries that name a file or a run-time switch rather than the model
 VOLATILE_CONFIG_KEYS = ("transformers_version", "use_cache", "dtype", "torch_dtype", "output_attentions",
                         "output_hidden_states", "return_dict")
