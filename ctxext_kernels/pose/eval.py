@@ -7,8 +7,8 @@ in `length`.
 ppl: sliding-window perplexity (stride S, default 1024 as in the paper) over long documents, each cut to --max-tokens
 (default the longest length): every evaluated length scores the same tokens, so the numbers compare across lengths.
 Every window starts with the tokenizer's BOS when it has one (--no-bos to leave it out), as the PoSE authors' code
-does. By default only the held-out documents are read (`is_heldout`: a fixed 1 in 10 by content hash), so the text
-evaluated is not the text `ctxext-train` trains on when both read the same data; --split all reads every document.
+does. By default only the held-out documents are read (`is_heldout`: a fixed 1 in 10 by content hash), the ones a
+training run on the same data leaves out to keep evaluation text unseen; --split all reads every document.
 
 Both write `<task>.json` (results + settings) and `<task>.md` into --output after every length (a failure at a later
 length keeps the earlier results), and `<task>.png` at the end when matplotlib is installed. Every argument is checked
@@ -284,8 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="ppl documents (default: the Python 3.11 docs)")
     p.add_argument("--field", default="text", help="ppl: the text field of .jsonl/.parquet/datasets (GovReport: input)")
     p.add_argument("--split", choices=("heldout", "all"), default="heldout",
-                   help="ppl: evaluate only the held-out 1-in-10 documents (default; ctxext-train's text is not "
-                        "evaluated) or all")
+                   help="ppl: evaluate only the held-out 1-in-10 documents (`is_heldout`, default) or all")
     p.add_argument("--documents", type=positive_int, default=4, help="ppl: documents to evaluate")
     p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="ppl: tokens scored per document (documents cut to this; default the longest length)")
