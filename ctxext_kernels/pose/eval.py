@@ -147,9 +147,9 @@ def sliding_window_nll(model, tokens: torch.Tensor, window: int, stride: int,
 
     Windows of `window` tokens start every `stride` document tokens; each window scores only the tokens no earlier
     window scored. With `bos_token_id`, every window is that BOS followed by `window - 1` document tokens (the PoSE
-    authors' eval_ppl.py): every token is scored once, the first of each window from BOS alone. Without, windows hold
-    `window` document tokens and the document's first token is not scored (nor, with stride == window, the first of
-    every window).
+    authors' eval_ppl.py): every token is scored once (with stride == window - 1, the first of each window from BOS
+    alone). Without, windows hold `window` document tokens and the document's first token is not scored (nor, with
+    stride == window, the first of every window).
 
     Parameters
     ----------
