@@ -127,7 +127,7 @@ def table(results: dict, args, real_window: int) -> str:
 
     ppl_lengths, passkey_lengths = lengths_of(args.eval_lengths), lengths_of(args.passkey_lengths)
     head = ([f"ppl {n} ({where(n)})" for n in ppl_lengths] + [f"passkey {n} ({where(n)})" for n in passkey_lengths]
-            + ["train s/step"])
+            + ["train s/step (incl. set-up)"])
     lines = ["| arm | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for arm, result in results.items():
         cells = ([f"{r['perplexity']:.2f}" for r in result["ppl"]] + [f"{r['accuracy']:.0%}" for r in result["passkey"]]
