@@ -24,7 +24,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import math
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import python_docs_path, read_texts, tokenize_documents
+from .data import is_heldout, python_docs_path, read_texts, tokenize_documents
 from .cli import (EXTRA_HINT, atomic_write_text, check_output_folder, disk_space_errors, fraction_list, length_list,
                   non_negative_int, output_lock, positive_int, rope_factor, run_cli, settings_record, warn)
 from .modeling import ROPE_TYPES, load_model, rope_base_parameters, select_rope, split_model_path
@@ -48,14 +47,6 @@ TASK_DESCRIPTION = ("There is an important info hidden inside a lot of irrelevan
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 QUESTION = "What is the pass key? The pass key is"
 ANSWER_TOKENS = 8  # greedy tokens generated per passkey prompt: the 5-digit key and a little slack
-HELDOUT_EVERY = 10  # one document in HELDOUT_EVERY is held out for evaluation
-
-
-def is_heldout(text: str) -> bool:
-    """Whether a document belongs to the evaluation split: a fixed 1 in `HELDOUT_EVERY` by the SHA-256 of its text,
-    so the split needs no file list and the same text is held out wherever it appears. Training that should not see
-    the evaluation text keeps the documents for which this is False."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") % HELDOUT_EVERY == 0
 
 
 def key_line(key: int) -> str:

@@ -40,7 +40,7 @@ from .checkpoint import (Checkpoint, CheckpointError, checkpoint_folders, newest
 from .cli import (TEMPORARY_PREFIX, atomic_write_text, check_output_folder, context_length, disk_space_errors,
                   fsync_folder, non_negative_float, non_negative_int, output_lock, positive_float, positive_int,
                   rope_factor, run_cli, settings_record, warn)
-from .data import DocumentStream, fingerprint, python_docs_path, read_texts, tokenize_documents
+from .data import DocumentStream, fingerprint, is_heldout, python_docs_path, read_texts, tokenize_documents
 from .modeling import ROPE_TYPES, describe_rope_scaling, leading_bos, load_model, select_rope, split_model_path
 from .sampler import CHUNK_LENGTH_RULES, CONTENT_STRATEGIES, METHODS, PoseCollator, PoseSampler
 
@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=positive_int, default=2)
     p.add_argument("--resume", default="auto",
                    help="'auto' (latest checkpoint in OUTPUT/checkpoints if any), 'never', or a checkpoint folder")
+    p.add_argument("--split", choices=("train", "all"), default="train",
+                   help="train (default): skip the held-out 1-in-10 documents ctxext-eval scores by default; all: "
+                        "every document")
     p.add_argument("--max-documents", type=positive_int, default=None, help="use at most this many documents")
     p.add_argument("--min-document-tokens", type=positive_int, default=None,
                    help="skip documents shorter than this (default: what one sample of --method needs, Lt for full "
@@ -384,7 +387,10 @@ def lr_multiplier(schedule: str, warmup_steps: int, total_steps: int):
 
 def load_documents(args, tokenizer, min_tokens: int, progress: bool) -> list[torch.Tensor]:
     data = args.data or python_docs_path()
-    documents, skipped = tokenize_documents(read_texts(data), tokenizer, min_tokens, args.max_documents, progress)
+    texts = read_texts(data)
+    if args.split == "train":  # the held-out tenth is ctxext-eval's default evaluation text
+        texts = (text for text in texts if not is_heldout(text))
+    documents, skipped = tokenize_documents(texts, tokenizer, min_tokens, args.max_documents, progress)
     if progress:
         print(f"[{PROG}] {len(documents)} documents from {data} ({skipped} shorter than {min_tokens} tokens "
               "skipped)", file=sys.stderr)
