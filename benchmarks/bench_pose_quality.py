@@ -205,7 +205,7 @@ def binned(nll: torch.Tensor, bin_size: int) -> list[dict]:
 
 def passkey_trial(model, tokenizer, length: int, rng: random.Random) -> dict:
     key, depth = rng.randint(10000, 99999), rng.random()
-    prompt, _ = pose_eval.passkey_prompt(tokenizer, key, length, depth)
+    prompt, _ = pose_eval.passkey_prompt(tokenizer, key, length - pose_eval.ANSWER_TOKENS, depth)  # answer fits
     answer = tokenizer.decode(pose_eval.greedy_answer(model, prompt), skip_special_tokens=True)
     number = re.search(r"\d+", answer)
     return {"key": key, "depth": round(depth, 4), "answer": answer.strip(),

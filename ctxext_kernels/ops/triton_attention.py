@@ -402,6 +402,11 @@ def _tile_constants(q, cu_seqlens_q) -> dict:
                 DOT_PRECISION="ieee" if mma_in_fp32 else None)
 
 
+def _gathered(q, inv_freq, interleaved: bool) -> bool:
+    """Whether the rotation needs `_turn`'s gather (pairs and columns do not line up: see `_turn`)."""
+    return not interleaved and 2 * inv_freq.numel() != max(16, triton.next_power_of_2(q.shape[-1]))
+
+
 def _rope_constants(q, inv_freq, scaling: float, interleaved: bool, exact: bool, rotate: bool) -> dict:
     """Compile-time constants of the rotation (forward prologue, dQ epilogue)."""
     return dict(ROTARY_DIM=2 * inv_freq.numel(), INTERLEAVED=interleaved, EXACT=exact, ROTATE=rotate,
@@ -425,7 +430,8 @@ def attention_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens_q, cu_s
     """Fused forward into out `[B,Sq,Hq,D]` (q's dtype) and lse `[B,Sq,Hq]` (fp32, base-2 log-sum-exp of the scaled
     scores). q `[B,Sq,Hq,D]` unrotated, k (rotated) / v `[B,Sk,Hk,D]`, positions `[B,Sq]` (the queries'), inv_freq
     fp32 `[rotary_dim/2]`; packed: B == 1 and cu_seqlens_q / cu_seqlens_k int32 `[N+1]` (both or neither)."""
-    config = triton_configs.attention_config("fwd", q.shape[-1], q.dtype, triton_configs.capability(q.device))
+    config = triton_configs.attention_config("fwd", q.shape[-1], q.dtype, triton_configs.capability(q.device),
+                                             rotate and _gathered(q, inv_freq, interleaved))
     grid = _grid(q, cu_seqlens_q, q.shape[2], config.block_m)
     if grid[0] * grid[2] == 0:
         return
@@ -456,7 +462,8 @@ def attention_backward(grad_out, q_rot, k, v, out, lse, dq, dk, dv, positions, i
     tiles = _tile_constants(q_rot, cu_seqlens_q)
     qk_scale = float(softmax_scale) * LOG2E
     lengths = (q_rot.shape[1], k.shape[1], _n_seqs(cu_seqlens_q), n_q_heads // n_kv_heads)
-    dq_config = triton_configs.attention_config("dq", q_rot.shape[-1], q_rot.dtype, capability)
+    dq_config = triton_configs.attention_config("dq", q_rot.shape[-1], q_rot.dtype, capability,
+                                                rotate and _gathered(q_rot, inv_freq, interleaved))
     dkdv_config = triton_configs.attention_config("dkdv", q_rot.shape[-1], q_rot.dtype, capability)
     dq_grid = _grid(q_rot, cu_seqlens_q, n_q_heads, dq_config.block_m)
     dkdv_grid = _grid(k, cu_seqlens_k, n_kv_heads, dkdv_config.block_n)

@@ -70,7 +70,14 @@ class PoseSampler:
         N = 2 the first chunk has l_0 ~ U{1, ..., Lc-1} tokens and half of all tokens sit in the skipped chunk.
         "authors" (their released training code, N = 2 only): l_0 ~ U{1, ..., ceil(Lc/2)}, so three quarters of the
         tokens sit in the skipped chunk, which trains long distances more often.
-    method : {"pose", "full", "randpos"}
+    bos_token_id : int, optional
+        The BOS token the tokenizer puts before every document (None: it adds none). Documents are passed without
+        it; every sample then starts with BOS at position 0, as in the authors' code, where the tokenizer adds BOS and
+        the first chunk starts the document: "pose"/"contiguous" sample the document with BOS prepended (the first
+        chunk opens with BOS at position 0), "full"/"randpos" take L-1 contiguous tokens after a BOS at position 0
+        ("randpos" draws the other L-1 positions from [1, Lt)). A document needs `min_document_length` tokens either
+        way.
+    method : {"pose", "full", "randpos", "contiguous"}
         "full": the full-length baseline, Lt contiguous tokens (random offset) with positions 0 ... Lt-1.
         "randpos": the paper's RandPos baseline, Lc contiguous tokens (random offset) with Lc distinct positions drawn
         uniformly from [0, Lt) and sorted.
@@ -80,7 +87,7 @@ class PoseSampler:
     """
 
     def __init__(self, original_window: int, target_length: int, num_chunks: int = 2, content: str = "random",
-                 seed: int = 0, method: str = "pose", chunk_lengths: str = "paper"):
+                 seed: int = 0, method: str = "pose", chunk_lengths: str = "paper", bos_token_id: int | None = None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if content not in CONTENT_STRATEGIES:
@@ -104,6 +111,7 @@ class PoseSampler:
         self.content = content
         self.chunk_lengths = chunk_lengths
         self.method = method
+        self.bos_token_id = bos_token_id
         self.seed = seed
         self._rng = np.random.Generator(np.random.PCG64(seed))
 
@@ -178,16 +186,19 @@ class PoseSampler:
             raise ValueError(f"tokens must be a 1-D integer tensor, got {tuple(tokens.shape)} {tokens.dtype}")
         tokens = tokens.long()
         self._check_document(tokens.numel())
+        bos = [] if self.bos_token_id is None else [self.bos_token_id]
         if self.method in ("pose", "contiguous"):
+            tokens = torch.cat([tokens.new_tensor(bos), tokens])  # the document as the tokenizer encodes it
             layout = self.draw_layout(tokens.numel())
             return tokens[layout.token_indices()], layout.position_ids()
-        length = self.sample_length
+        length = self.sample_length - len(bos)
         start = self._uniform(0, tokens.numel() - length)
-        input_ids = tokens[start:start + length]
+        input_ids = torch.cat([tokens.new_tensor(bos), tokens[start:start + length]])
         if self.method == "full":
-            return input_ids, torch.arange(length)
-        positions = np.sort(self._rng.choice(self.target_length, size=length, replace=False))
-        return input_ids, torch.from_numpy(positions).long()
+            return input_ids, torch.arange(input_ids.numel())
+        # BOS keeps position 0; the content's positions are distinct draws from the rest of [0, Lt)
+        positions = len(bos) + np.sort(self._rng.choice(self.target_length - len(bos), size=length, replace=False))
+        return input_ids, torch.from_numpy(np.concatenate([np.zeros(len(bos), np.int64), positions])).long()
 
     def _check_document(self, document_length: int) -> None:
         if document_length < self.min_document_length:
