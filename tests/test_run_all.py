@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # what each stage runs, in order (the full sweeps of stage 2 are skipped in --smoke: the same tiny shapes as stage 1)
 STAGES = {1: ["pytest_gpu", "bench_rope", "bench_attention"], 2: ["bench_model", "bench_pose_vs_full"]}
-REPORTS = ("bench_rope", "bench_attention", "bench_model", "pose_vs_full")
+REPORTS = ("bench_rope", "bench_attention", "bench_model", "bench_pose_vs_full")
 DEVICE_TOOL_FILE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
