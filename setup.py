@@ -124,6 +124,8 @@ class CMakeBuild(build_ext):
         print(f"ctxext_kernels: _C built in {time.perf_counter() - start:.0f} s", flush=True)
 
 
+POSE_EXTRAS = ["gguf", "matplotlib", "pyarrow", "datasets", "peft"]
+
 setup(
     name="ctxext_kernels",
     version=read_version(),
@@ -143,7 +145,9 @@ setup(
         "numpy",
     ],
     extras_require={
-        "dev": ["pytest", "gguf", "accelerate", "matplotlib", "mpmath", "pybind11>=2.12", "ninja", "peft", "pyarrow", "datasets"],
+        # what ctxext-train / ctxext-eval load only when asked: .gguf models, eval plots, .parquet and datasets data
+        "pose": POSE_EXTRAS,
+        "dev": ["pytest", *POSE_EXTRAS, "accelerate", "mpmath", "pybind11>=2.12", "ninja", "trl"],
         "flash": ["flash-attn"],
     },
     entry_points={

@@ -79,6 +79,7 @@ void register_attention(py::module_& m) {
       .def_readwrite("positions", &AttentionArgs::positions)
       .def_readwrite("inv_freq", &AttentionArgs::inv_freq)
       .def_readwrite("cu_seqlens", &AttentionArgs::cu_seqlens)
+      .def_readwrite("cu_seqlens_k", &AttentionArgs::cu_seqlens_k)
       .def_readwrite("grad_out", &AttentionArgs::grad_out)
       .def_readwrite("delta", &AttentionArgs::delta)
       .def_readwrite("grad_q", &AttentionArgs::grad_q)
@@ -86,7 +87,8 @@ void register_attention(py::module_& m) {
       .def_readwrite("grad_v", &AttentionArgs::grad_v)
       .def_readwrite("dtype", &AttentionArgs::dtype)
       .def_readwrite("positions_int64", &AttentionArgs::positions_int64)
-      .def_readwrite("max_seqlen", &AttentionArgs::max_seqlen)
+      .def_readwrite("max_seqlen_q", &AttentionArgs::max_seqlen_q)
+      .def_readwrite("max_seqlen_k", &AttentionArgs::max_seqlen_k)
       .def_readwrite("scaling", &AttentionArgs::scaling)
       .def_readwrite("softmax_scale", &AttentionArgs::softmax_scale)
       .def_readwrite("causal", &AttentionArgs::causal)
@@ -96,9 +98,10 @@ void register_attention(py::module_& m) {
       .def_readwrite("device", &AttentionArgs::device)
       .def_readwrite("stream", &AttentionArgs::stream);
   m.def("rope_attention_forward_cuda", &rope_attention_forward_cuda, py::arg("args"),
-        "Fused RoPE + attention forward into args.out and args.lse (asynchronous on args.stream).");
+        "Fused RoPE + attention forward into args.out and args.lse, k given rotated (asynchronous on args.stream).");
   m.def("rope_attention_backward_cuda", &rope_attention_backward_cuda, py::arg("args"),
-        "Fused backward into args.grad_q, grad_k, grad_v (gradients of the unrotated q, k and of v).");
+        "Fused backward into args.grad_q, grad_k, grad_v (gradients of the unrotated q, the rotated k and v; q "
+        "given rotated).");
   m.attr("has_attention") = true;
 }
 #endif

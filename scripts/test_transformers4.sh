@@ -16,5 +16,5 @@ if ! .venv457/bin/python -c "import transformers, torch, peft" 2>/dev/null; then
 fi
 export CTXEXT_REQUIRE_HOST_BUILD=1
 PYTHONPATH="$PWD" .venv457/bin/python -m pytest -q -p no:cacheprovider tests/test_spec.py \
-    tests/test_integration_families.py tests/test_attention_backend.py tests/test_import_patch.py \
-    tests/test_real_model.py "$@"
+    tests/test_integration_families.py tests/test_rotary_tensors.py tests/test_attention_backend.py \
+    tests/test_ctxext_generate.py tests/test_import_patch.py tests/test_real_model.py "$@"

@@ -46,3 +46,24 @@ def write_corpus(folder: Path, documents: int = 12, words: int = 120) -> Path:
         (folder / f"doc{index:02d}.txt").write_text(" ".join(vocabulary[p] for p in picks))
     (folder / "short.txt").write_text("too short")
     return folder
+
+
+def train_argv(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
+    """ctxext-train arguments for a 4-step run on the tiny model (Lc 32, Lt 256, 2 x 2 samples per step, CPU)."""
+    return ["--model", str(model), "--data", str(data), "--output", str(output), "--original-window",
+            str(TINY_WINDOW // 2), "--target-length", str(4 * TINY_WINDOW), "--steps", "4", "--global-batch", "4",
+            "--micro-batch", "2", "--warmup-steps", "2", "--lr", "1e-3", "--quiet", "--no-kernels",
+            "--trained-window", str(TINY_WINDOW), *extra]
+
+
+def model_weights(folder: Path) -> dict:
+    """The tensors of a saved model folder's model.safetensors."""
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

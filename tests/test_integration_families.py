@@ -10,36 +10,10 @@ transformers = pytest.importorskip("transformers")
 import sys  # noqa: E402
 
 import ctxext_kernels.integrations  # noqa: E402,F401
-from ctxext_kernels.integrations import FAMILIES, RopeTable, is_patched, patch, patch_model, unpatch  # noqa: E402
+from ctxext_kernels.integrations import FAMILIES, fused_rope_of, is_patched, patch, patch_model, unpatch  # noqa: E402
+from tiny_models import VOCAB, build, tiny_config  # noqa: E402
 
 SEQ = 24
-VOCAB = 97
-
-
-def tiny_config(family: str, **rope):
-    """2 layers, hidden 64, 4 q heads / 2 kv heads of 16 dims; `rope` overrides the rope parameters."""
-    config = transformers.AutoConfig.for_model(
-        family, vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, attn_implementation="eager",
-        pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if family == "phi3":  # partial rotary + LongRoPE: the interesting Phi-3 path
-        rope = rope or dict(rope_type="longrope", partial_rotary_factor=0.5, short_factor=[1.0, 1.5, 2.0, 2.5], long_factor=[3.0, 4.0, 5.0, 6.0],
-                            original_max_position_embeddings=16)
-    if rope:
-        params = dict(getattr(config, "rope_parameters", None) or {"rope_theta": 10000.0})
-        params.update(rope)
-        params.setdefault("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
-        if hasattr(config, "rope_parameters"):
-            config.rope_parameters = params
-        else:  # transformers 4.57: the partial rotary factor lives on the config itself
-            config.partial_rotary_factor = params.pop("partial_rotary_factor")
-            config.rope_scaling = {key: value for key, value in params.items() if key != "rope_theta"}
-    return config
-
-
-def build(family: str, **rope):
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(tiny_config(family, **rope)).eval()
 
 
 def logits_and_grads(model, input_ids, **kwargs):
@@ -71,11 +45,12 @@ def test_family_logits_and_grads_match_stock(family, monkeypatch):
     input_ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
     stock = logits_and_grads(model, input_ids)
     patch([family])
-    rotary = model.model.rotary_emb
-    assert isinstance(rotary(model.model.embed_tokens(input_ids), torch.arange(SEQ)[None])[0], RopeTable)
-    # The fused kernel must do the rotation: no cos/sin table may be materialised on the way.
+    cos, sin = model.model.rotary_emb(model.model.embed_tokens(input_ids), torch.arange(SEQ)[None])
+    assert type(cos) is torch.Tensor and fused_rope_of(cos, sin) is not None
+    # The fused kernel must do the rotation: the stock formula (rotate_half) never runs.
     with monkeypatch.context() as scope:
-        scope.setattr(RopeTable, "tensor", lambda self: pytest.fail("cos/sin table materialised"))
+        scope.setattr(sys.modules[FAMILIES[family].module_name], "rotate_half",
+                      lambda x: pytest.fail("stock rotation ran"))
         patched = logits_and_grads(model, input_ids)
     assert_close_runs(stock, patched)
     unpatch()
@@ -180,16 +155,6 @@ def test_bf16_autocast_within_bf16_rounding():
     torch.testing.assert_close(patched, stock, atol=5e-2, rtol=5e-2)
 
 
-def test_torch_compile_small_case():
-    model = build("llama")
-    input_ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(8))
-    with torch.no_grad():
-        stock = model(input_ids).logits
-        patch(["llama"])
-        compiled = torch.compile(model, backend="eager", fullgraph=False)
-        torch.testing.assert_close(compiled(input_ids).logits, stock, atol=2e-5, rtol=2e-5)
-
-
 def test_unknown_family_warns_once_and_is_left_alone():
     sys.modules["ctxext_kernels.integrations.patch"]._warned.discard("not-a-family")
     with warnings.catch_warnings(record=True) as caught:
@@ -214,8 +179,8 @@ def test_dropin_rotary_embedding_matches_stock_class_and_dynamic_updates():
         ours_cos, ours_sin = ours(x, ids)
         torch.testing.assert_close(ours.inv_freq, stock.inv_freq)
         assert ours.max_seq_len_cached == stock.max_seq_len_cached
-        torch.testing.assert_close(ours_cos.tensor(), cos, atol=1e-4, rtol=0)
-        torch.testing.assert_close(ours_sin.tensor(), sin, atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours_cos, cos, atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours_sin, sin, atol=1e-4, rtol=0)
 
 
 def test_unsupported_transformers_version_leaves_everything_stock(monkeypatch):
@@ -240,7 +205,7 @@ def test_patch_model_warns_for_an_unsupported_family():
     assert not is_patched()
 
 
-def test_tables_materialise_for_code_that_reads_cos_and_sin():
+def test_tables_serve_code_that_rotates_by_itself():
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding as Stock
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as stock_apply
     from ctxext_kernels.integrations import LlamaRotaryEmbedding
@@ -248,8 +213,8 @@ def test_tables_materialise_for_code_that_reads_cos_and_sin():
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 7, 30, 31]])  # packed restart + PoSE jump
     q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
     cos, sin = LlamaRotaryEmbedding(config)(q, position_ids)
-    fused = cos.rotate(q, k)
-    through_tables = stock_apply(q, k, cos, sin)  # unsqueeze / * / + on the lazily built tensors
+    fused = fused_rope_of(cos, sin).rotate(q, k)
+    through_tables = stock_apply(q, k, cos, sin)  # the stock formula on the tables
     expected = stock_apply(q, k, *Stock(config)(q, position_ids))
     for got, other, want in zip(fused, through_tables, expected):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -23,7 +23,7 @@ def test_formats(tmp_path):
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(TEXTS)) + "\n")
     assert list(read_texts(tmp_path / "d.jsonl")) == TEXTS
     (tmp_path / "bad.jsonl").write_text(json.dumps({"body": "x"}))
-    with pytest.raises(KeyError, match="no field 'text'"):
+    with pytest.raises(ValueError, match="bad.jsonl:1: no field 'text'"):
         list(read_texts(tmp_path / "bad.jsonl"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list(read_texts(tmp_path / "missing.jsonl"))
@@ -41,6 +41,9 @@ def test_saved_dataset(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(str(tmp_path / "ds"))
     assert list(read_texts(tmp_path / "ds")) == TEXTS
+    datasets.Dataset.from_dict({"body": TEXTS}).save_to_disk(str(tmp_path / "other"))
+    with pytest.raises(ValueError, match="has no column 'text' \\(columns: \\['body'\\]\\)"):
+        list(read_texts(tmp_path / "other"))
 
 
 def test_short_documents_are_skipped_and_counted():

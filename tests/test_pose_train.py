@@ -1,12 +1,17 @@
-"""ctxext-train on a tiny random LLaMA: finite loss, bit-exact resume, a stock-loadable extended model, clear errors."""
+"""ctxext-train on a tiny random LLaMA: finite loss, bit-exact resume, a stock-loadable extended model, resumes that
+refuse changed settings or data, checkpoints that load no code."""
 
+import hashlib
 import json
+import os
+import shutil
 
 import pytest
 import torch
 
 from ctxext_kernels.pose import train as pose_train
-from pose_fixtures import TINY_WINDOW, save_tiny_llama, write_corpus
+from ctxext_kernels.pose.checkpoint import SUMS_FILE
+from pose_fixtures import TINY_WINDOW, save_tiny_llama, train_argv, write_corpus
 
 LT = 4 * TINY_WINDOW
 
@@ -18,10 +23,7 @@ def workspace(tmp_path_factory):
 
 
 def run(model, data, output, *extra):
-    pose_train.main(["--model", str(model), "--data", str(data), "--output", str(output), "--original-window",
-                     str(TINY_WINDOW // 2), "--target-length", str(LT), "--steps", "4", "--global-batch", "4",
-                     "--micro-batch", "2", "--warmup-steps", "2", "--lr", "1e-3", "--quiet", "--no-kernels",
-                     "--trained-window", str(TINY_WINDOW), *extra])
+    pose_train.main(train_argv(model, data, output, *extra))
 
 
 def test_train_resume_and_output(workspace, tmp_path):
@@ -36,8 +38,8 @@ def test_train_resume_and_output(workspace, tmp_path):
     run(model, data, tmp_path / "resumed", "--checkpoint-every", "2")
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # the interrupted run's step 3 was replaced by the resumed run's
-    with pytest.raises(ValueError, match="other settings"):
-        run(model, data, tmp_path / "resumed", "--seed", "1")
+    record = json.loads((tmp_path / "resumed" / "pose_training.json").read_text())
+    assert [(s["from_step"], s["settings"]["steps"]) for s in record["segments"]] == [(0, 3), (2, 4)]
 
     from transformers import AutoModelForCausalLM
 
@@ -66,14 +68,79 @@ def test_yarn_config_keeps_the_original_window(workspace, tmp_path):
     assert saved["rope_type"] == "yarn" and saved["original_max_position_embeddings"] == TINY_WINDOW
 
 
-def test_corrupt_checkpoint_is_named(workspace, tmp_path):
+@pytest.fixture(scope="module")
+def interrupted(workspace, tmp_path_factory):
+    """An output folder whose run stopped after step 3 with a checkpoint at step 2."""
+    model, data = workspace
+    output = tmp_path_factory.mktemp("interrupted") / "out"
+    run(model, data, output, "--checkpoint-every", "2", "--steps", "3")
+    return output
+
+
+def tree_digest(folder) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("change, named", [
+    (("--lr", "0.5"), "--lr 0.001 in the checkpoint, 0.5 now"),
+    (("--weight-decay", "0.1"), "--weight-decay 0.0 in the checkpoint, 0.1 now"),
+    (("--warmup-steps", "3"), "--warmup-steps 2 in the checkpoint, 3 now"),
+    (("--seed", "1"), "--seed 0 in the checkpoint, 1 now"),
+    (("--steps", "1"), "is at step 2, past --steps 1"),
+    (("--data", "OTHER"), "was trained on other data: token stream SHA-256"),
+    (("--model", "OTHER"), "from another model config: rms_norm_eps 1e-06 in the checkpoint, 0.001 now"),
+])
+def test_resume_refuses_changed_settings(workspace, interrupted, tmp_path, change, named):
+    """Each changed setting that decides the result is refused, naming it and both values; nothing is written."""
+    model, data = workspace
+    if change[0] == "--data":  # as many documents as the original data, other words
+        change = ("--data", str(write_corpus(tmp_path / "other", documents=12, words=121)))
+    if change[0] == "--model":  # same shapes, another config value
+        shutil.copytree(model, tmp_path / "other")
+        config = json.loads((tmp_path / "other" / "config.json").read_text())
+        (tmp_path / "other" / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
+        change = ("--model", str(tmp_path / "other"))
+    before = tree_digest(interrupted)
+    with pytest.raises(SystemExit, match=named):
+        run(model, data, interrupted, "--checkpoint-every", "2", *change)
+    assert tree_digest(interrupted) == before
+
+
+def test_unusable_checkpoints_are_named(workspace, tmp_path):
     model, data = workspace
     checkpoint = tmp_path / "out" / "checkpoints" / "step-0000001"
     checkpoint.mkdir(parents=True)
     (checkpoint / "state.pt").write_bytes(b"not a checkpoint")
     (checkpoint / "meta.json").write_text('{"step": 1, "complete": true}')
-    with pytest.raises(RuntimeError, match="is corrupt"):
+    with pytest.raises(SystemExit, match=f"no checkpoint in .* can be used: checkpoint {checkpoint} is incomplete"):
         run(model, data, tmp_path / "out")
+    with pytest.raises(SystemExit, match="--resume never, but .* holds checkpoints of an earlier run"):
+        run(model, data, tmp_path / "out", "--resume", "never")
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_loading_a_checkpoint_runs_no_code(workspace, interrupted, tmp_path):
+    """A genuine checkpoint whose state.pt is replaced by a pickled call, with checksums to match, is refused
+    without running the call: checkpoints are read with torch.load(weights_only=True)."""
+    model, data = workspace
+    output = tmp_path / "out"
+    shutil.copytree(interrupted, output)
+    checkpoint = output / "checkpoints" / "step-0000002"
+    marker = tmp_path / "code_ran"
+    torch.save({"model": RunsCode(str(marker))}, checkpoint / "state.pt")
+    sums = [f"{hashlib.sha256((checkpoint / n).read_bytes()).hexdigest()}  {n}\n" for n in ("state.pt", "meta.json")]
+    (checkpoint / SUMS_FILE).write_text("".join(sums))
+    with pytest.raises(SystemExit, match="step-0000002 cannot be read"):
+        run(model, data, output, "--checkpoint-every", "2")
+    assert not marker.exists()
 
 
 def test_model_without_rope_is_named(tmp_path):
@@ -97,10 +164,7 @@ def test_ddp_under_torchrun_matches_one_process(workspace, tmp_path):
     model, data = workspace
     run(model, data, tmp_path / "single", "--checkpoint-every", "0")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ctxext_kernels.pose.train",
-               "--model", str(model), "--data", str(data), "--output", str(tmp_path / "ddp"), "--original-window",
-               str(TINY_WINDOW // 2), "--target-length", str(LT), "--steps", "4", "--global-batch", "4",
-               "--micro-batch", "1", "--warmup-steps", "2", "--lr", "1e-3", "--quiet", "--no-kernels",
-               "--trained-window", str(TINY_WINDOW), "--checkpoint-every", "0"]
+               *train_argv(model, data, tmp_path / "ddp", "--micro-batch", "1", "--checkpoint-every", "0")]
     subprocess.run(command, check=True, capture_output=True, timeout=240)
     single = AutoModelForCausalLM.from_pretrained(tmp_path / "single").state_dict()
     ddp = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp").state_dict()

@@ -8,7 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from ctxext_kernels.integrations import RopeTable, patch, unpatch  # noqa: E402
+from ctxext_kernels.integrations import patch, unpatch  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENS = 128
@@ -86,8 +86,9 @@ def test_logits_loss_and_gradients_match_stock(smollm2, rope_name, monkeypatch):
         stock_logits = model(input_ids, position_ids=position_ids).logits
     stock_step = training_step(model, input_ids)
     patch(["llama"])
-    with monkeypatch.context() as scope:
-        scope.setattr(RopeTable, "tensor", lambda self: pytest.fail("cos/sin table materialised"))
+    from transformers.models.llama import modeling_llama
+    with monkeypatch.context() as scope:  # the fused kernel rotates: the stock formula never runs
+        scope.setattr(modeling_llama, "rotate_half", lambda x: pytest.fail("stock rotation ran"))
         with torch.no_grad():
             patched_logits = model(input_ids, position_ids=position_ids).logits
         patched_step = training_step(model, input_ids)

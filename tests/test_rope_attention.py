@@ -48,6 +48,9 @@ CASES = [
          rope=("yarn", {"factor": 8.0, "original_max_position_embeddings": 512})),
     Case("head 128 fp16", head_dim=128, q_heads=2, k_heads=1, batch=1, seq=20, dtype=torch.float16),
     Case("partial rotary bf16", rope=("default", {"partial_rotary_factor": 0.5}), max_position=3000),
+    Case("head 80 padded tile bf16", head_dim=80, q_heads=2, k_heads=1, max_position=2**24),
+    Case("head 96 positions near 2^24 fp32", head_dim=96, q_heads=2, k_heads=1, batch=1, seq=20,
+         dtype=torch.float32, max_position=2**24),
     Case("partial rotary interleaved fp32", dtype=torch.float32, interleaved=True, batch=1,
          rope=("default", {"partial_rotary_factor": 0.25})),
 ]
@@ -72,15 +75,25 @@ def _oracle(case, spec, q, k, v, pos, cu):
     inv_freq = spec.inv_freq_for(int(pos.max()) + 1)
     qr = rope_oracle(q, pos, inv_freq, spec.attention_scaling, case.interleaved)
     kr = rope_oracle(k, pos, inv_freq, spec.attention_scaling, case.interleaved)
-    group = case.q_heads // case.k_heads
-    kr, vr = kr.repeat_interleave(group, 2), v.to(torch.float64).repeat_interleave(group, 2)
-    scores = torch.einsum("bmhd,bnhd->bhmn", qr, kr) / math.sqrt(case.head_dim)
-    seq = q.shape[1]
+    return _attend(qr, kr, v.to(torch.float64), _keep(case, q.shape[1], cu))
+
+
+def _keep(case, seq, cu):
+    """`[S, S]` True where query m may attend to key n: same packed sequence, and n <= m when causal."""
     seg = torch.zeros(seq, dtype=torch.long) if cu is None else torch.bucketize(torch.arange(seq), cu[1:], right=True)
     keep = seg[:, None] == seg[None, :]
     if case.causal:
         keep &= torch.ones(seq, seq, dtype=torch.bool).tril()
-    return torch.einsum("bhmn,bnhd->bmhd", scores.masked_fill(~keep, float("-inf")).softmax(-1), vr)
+    return keep
+
+
+def _attend(qr, kr, v, keep):
+    """softmax(qr kr^T / sqrt(D)) v over the keys `keep` `[Sq, Sk]` allows, kv heads repeated for GQA; qr `[B, Sq, Hq,
+    D]`, kr and v `[B, Sk, Hk, D]`; every op in the inputs' dtype."""
+    group = qr.shape[2] // kr.shape[2]
+    scores = torch.einsum("bmhd,bnhd->bhmn", qr, kr.repeat_interleave(group, 2)) / math.sqrt(qr.shape[-1])
+    probs = scores.masked_fill(~keep, float("-inf")).softmax(-1)
+    return torch.einsum("bhmn,bnhd->bmhd", probs, v.repeat_interleave(group, 2))
 
 
 def _in_dtype(case, spec, q, k, v, pos, cu):
@@ -100,16 +113,7 @@ def _in_dtype(case, spec, q, k, v, pos, cu):
             y = x * cos + torch.cat((-x2, x1), -1) * sin
         return torch.cat((y, rest), -1)
 
-    group = case.q_heads // case.k_heads
-    qr, kr = rotate(q), rotate(k).repeat_interleave(group, 2)
-    scores = torch.einsum("bmhd,bnhd->bhmn", qr, kr) / math.sqrt(case.head_dim)
-    seq = q.shape[1]
-    seg = torch.zeros(seq, dtype=torch.long) if cu is None else torch.bucketize(torch.arange(seq), cu[1:], right=True)
-    keep = seg[:, None] == seg[None, :]
-    if case.causal:
-        keep &= torch.ones(seq, seq, dtype=torch.bool).tril()
-    probs = scores.masked_fill(~keep, float("-inf")).softmax(-1)
-    return torch.einsum("bhmn,bnhd->bmhd", probs, v.repeat_interleave(group, 2))
+    return _attend(rotate(q), rotate(k), v, _keep(case, q.shape[1], cu))
 
 
 def _run_in_dtype(case, q, k, v, pos, cu, spec, grad):
@@ -166,12 +170,87 @@ def test_forward_backward_match_float64(case, backend):
     _check_against_float64(case, backend)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("layout,lengths_q,lengths_k", [
+    ("thd", (1, 3, 6, 2), (9, 4, 6, 20)),  # decode, chunked prefill, a whole sequence, a tile-crossing offset
+    ("bshd", (5, 5), (21, 21)),
+    ("bhsd", (1, 1), (7, 7)),
+], ids=["packed", "bshd-chunk", "bhsd-decode"])
+def test_triton_rotated_keys_longer_than_queries(layout, lengths_q, lengths_k, causal, dtype):
+    """`k_rotated=True` on the Triton kernels: queries (the last tokens of their sequences) against more, already
+    rotated keys, bottom-right causal, packed with their own cu_seqlens_k; float64 oracle, forward and backward.
+    Tolerance as above: at most twice the error of the same math in the input dtype, plus a floor."""
+    from test_attention_cached_keys import SPEC, _case, _full_attention
+
+    _require("triton")
+    q, k_rot, v, q_ids, inv_freq = _case(lengths_q, lengths_k, torch.float32)
+    q, k_rot, v = (x.to(dtype) for x in (q, k_rot, v))
+    leaves64 = [x.to(torch.float64).requires_grad_() for x in (q, k_rot, v)]
+    q_rot64 = rope_oracle(leaves64[0][None], q_ids[None], inv_freq)[0]
+    want = _full_attention(q_rot64, leaves64[1], leaves64[2], lengths_q, lengths_k, causal)
+    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    want.backward(grad)
+
+    # the yardstick: rotated q rounded to the dtype (what a RoPE pass stores), then attention in the dtype
+    yard = [x.clone().requires_grad_() for x in (q, k_rot, v)]
+    q_rot = rope_oracle(yard[0].to(torch.float64)[None], q_ids[None], inv_freq)[0]
+    q_rot = yard[0] + (q_rot.to(dtype) - yard[0]).detach()  # value rounded, gradient of the rotation: identity
+    _full_attention(q_rot, yard[1], yard[2], lengths_q, lengths_k, causal).backward(grad.to(dtype))
+
+    leaves = [x.clone().requires_grad_() for x in (q, k_rot, v)]
+    if layout == "thd":
+        cu_q, cu_k = (torch.tensor([0, *n]).cumsum(0) for n in (lengths_q, lengths_k))
+        out = rope_attention(*leaves, q_ids, SPEC, causal=causal, layout="thd", cu_seqlens=cu_q, cu_seqlens_k=cu_k,
+                             k_rotated=True, backend="triton")
+        out.backward(grad.to(dtype))
+        got = [out.detach()] + [x.grad for x in leaves]
+    else:
+        def batched(x, n):  # packed rows of equal-length sequences -> [B, S, H, D] -> layout
+            x = x.reshape(len(lengths_q), n, *x.shape[1:])
+            return x.transpose(1, 2) if layout == "bhsd" else x
+        args = [batched(x, n) for x, n in zip(leaves, (lengths_q[0], lengths_k[0], lengths_k[0]))]
+        out = rope_attention(*args, q_ids.reshape(len(lengths_q), -1), SPEC, causal=causal, layout=layout,
+                             k_rotated=True, backend="triton")
+        out = out.transpose(1, 2) if layout == "bhsd" else out
+        out.reshape(-1, *out.shape[2:]).backward(grad.to(dtype).reshape(-1, *out.shape[2:]))
+        got = [out.detach().reshape(-1, *out.shape[2:])] + [x.grad for x in leaves]
+    expected = [want.detach()] + [x.grad for x in leaves64]
+    baseline = [None] + [x.grad for x in yard]
+    baseline[0] = _full_attention(q_rot.detach(), *(x.detach() for x in yard[1:]), lengths_q, lengths_k, causal)
+    floor = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    for name, g_, b_, e_ in zip(("out", "dq", "dk_rot", "dv"), got, baseline, expected):
+        err = (g_.to(torch.float64) - e_).abs().max().item()
+        ref_err = (b_.to(torch.float64) - e_).abs().max().item()
+        assert err <= 2 * ref_err + floor, f"{name}: error {err:.3e} vs plain torch in {dtype} {ref_err:.3e}"
+
+
+def test_triton_many_packed_sequences():
+    """More sequences than one chunk of the kernels' sequence search (`_tile`), of lengths 0 to 3: each program
+    still finds its own sequence (packed output == each sequence attended alone)."""
+    _require("triton")
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(0, 4, (300,), generator=g)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    q, k, v = (torch.randn(int(cu[-1]), 1, 16, generator=g) for _ in range(3))
+    spec = RopeSpec.from_params(16)
+    out = rope_attention(q, k, v, None, spec, layout="thd", cu_seqlens=cu, backend="triton")
+    want = torch.cat([rope_attention(q[a:b], k[a:b], v[a:b], None, spec, layout="thd",
+                                     cu_seqlens=torch.tensor([0, b - a]), backend="torch")
+                      for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()) if b > a])
+    torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+
+
 # The CUDA kernels take fp16/bf16 and head_dim 64/128: the same cases at those sizes, plus sequences longer than one
 # 64-row tile (several tiles, a ragged last one) -- on a GPU only.
 CUDA_CASES = [dataclasses.replace(c, head_dim=max(c.head_dim, 64)) for c in CASES if c.dtype != torch.float32] + [
     Case("cuda multi-tile causal gqa", head_dim=128, q_heads=4, k_heads=1, batch=2, seq=200, max_position=100000),
     Case("cuda multi-tile varlen", head_dim=64, packed=(70, 1, 130), dtype=torch.float16),
     Case("cuda multi-tile full", head_dim=64, seq=150, causal=False),
+    Case("cuda interleaved fp16", head_dim=64, dtype=torch.float16, interleaved=True, max_position=2**20),
+    Case("cuda head 128 varlen full", head_dim=128, packed=(65, 3, 64), causal=False, max_position=9000),
+    Case("cuda head 128 multi-tile full fp16", head_dim=128, q_heads=2, k_heads=2, seq=130, causal=False,
+         dtype=torch.float16, rope=("default", {"partial_rotary_factor": 0.5})),
 ]
 
 
@@ -183,6 +262,97 @@ def test_gpu_forward_backward_match_float64(case, backend):
     if not torch.cuda.is_available() or not usable:
         pytest.skip(f"needs a GPU with the {backend} backend: {reason}")
     _check_against_float64(case, backend, "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class KvCase:
+    """Queries against a longer run of already rotated keys (a KV cache, a chunked prefill): per sequence q_lens[i]
+    queries at the last positions of k_lens[i] keys."""
+    why: str
+    q_lens: tuple
+    k_lens: tuple
+    packed: bool  # "thd" with cu_seqlens / cu_seqlens_k; else one batch of equal lengths
+    head_dim: int = 64
+    dtype: torch.dtype = torch.bfloat16
+    causal: bool = True
+    interleaved: bool = False
+    rotary_fraction: float = 1.0
+
+    def __str__(self):
+        return self.why.replace(" ", "-")
+
+
+KV_CASES = [
+    KvCase("decode chunk causal head 128", (5, 5), (70, 70), packed=False, head_dim=128),
+    KvCase("chunked prefill full fp16", (40,), (150,), packed=False, dtype=torch.float16, causal=False),
+    KvCase("varlen longer keys causal fp16", (3, 64, 1), (10, 64, 200), packed=True, dtype=torch.float16),
+    KvCase("varlen interleaved partial head 128", (17, 70), (17, 90), packed=True, head_dim=128, interleaved=True,
+           rotary_fraction=0.5),
+]
+
+
+def _kv_inputs(case: KvCase):
+    """q `[B, Sq, 4, D]`, rotated keys and v `[B, Sk, 2, D]` (in the case's dtype), query positions `[B, Sq]`,
+    inv_freq, cu_seqlens / cu_seqlens_k (or None) and the mask `[B, Sq, Sk]` (bottom-right causal per sequence)."""
+    g = torch.Generator().manual_seed(0)
+    spec = RopeSpec.from_params(case.head_dim, 10000.0, partial_rotary_factor=case.rotary_fraction)
+    batch = 1 if case.packed else len(case.q_lens)
+    sq, sk = (sum(case.q_lens), sum(case.k_lens)) if case.packed else (case.q_lens[0], case.k_lens[0])
+    q = torch.randn(batch, sq, 4, case.head_dim, generator=g)
+    k, v = (torch.randn(batch, sk, 2, case.head_dim, generator=g) for _ in range(2))
+    q_pos, k_pos, keep = torch.zeros(batch, sq, dtype=torch.long), torch.zeros(batch, sk, dtype=torch.long), \
+        torch.zeros(batch, sq, sk, dtype=torch.bool)
+    q0 = k0 = 0
+    for i, (nq, nk) in enumerate(zip(case.q_lens, case.k_lens)):
+        b = 0 if case.packed else i
+        start = 1000 * i  # the sequence's first position
+        k_pos[b, k0:k0 + nk] = start + torch.arange(nk)
+        q_pos[b, q0:q0 + nq] = start + nk - nq + torch.arange(nq)
+        seen = torch.ones(nq, nk, dtype=torch.bool)
+        keep[b, q0:q0 + nq, k0:k0 + nk] = seen.tril(nk - nq) if case.causal else seen
+        if case.packed:
+            q0, k0 = q0 + nq, k0 + nk
+    k_rot = rope_oracle(k, k_pos, spec.inv_freq, spec.attention_scaling, case.interleaved)
+    cu_q, cu_k = ((torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+                   for lens in (case.q_lens, case.k_lens)) if case.packed else (None, None))
+    return (*(x.to(case.dtype) for x in (q, k_rot, v)), q_pos, spec, cu_q, cu_k, keep[:, None])
+
+
+# The kernel interface below the op: rotated keys, Sk >= Sq aligned bottom-right, cu_seqlens_k. The op reaches it with
+# Sk == Sq only, so this calls the CUDA launchers of ops/attention.py directly -- on a GPU only.
+@pytest.mark.parametrize("case", KV_CASES, ids=str)
+def test_gpu_cuda_kernel_with_longer_rotated_keys(case):
+    usable, reason = attention_backends("cuda")["cuda"]
+    if not torch.cuda.is_available() or not usable:
+        pytest.skip(f"needs a GPU with the cuda backend: {reason}")
+    from ctxext_kernels.ops.attention import _cuda_backward, _cuda_forward, _rope_cuda
+
+    q, k_rot, v, pos, spec, cu_q, cu_k, keep = _kv_inputs(case)
+    scaling, interleaved = spec.attention_scaling, case.interleaved
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def reference(dtype):  # out, dq, dk, dv of rope(q) against k_rot, every op in `dtype`
+        leaves = [x.to(dtype).requires_grad_() for x in (q, k_rot, v)]
+        q_rot = rope_oracle(leaves[0], pos, spec.inv_freq, scaling, interleaved).to(dtype)
+        out = _attend(q_rot, leaves[1], leaves[2], keep)
+        out.backward(grad.to(dtype))
+        return [out.detach()] + [x.grad for x in leaves]
+
+    expected, baseline = reference(torch.float64), reference(case.dtype)
+    qc, kc, vc, gc = (x.to("cuda", case.dtype) for x in (q, k_rot, v, grad))
+    pos_c, inv_freq = pos.cuda(), spec.inv_freq.cuda()
+    cu_q, cu_k = (None if x is None else x.cuda() for x in (cu_q, cu_k))
+    flags = (scaling, 1.0 / math.sqrt(case.head_dim), case.causal, interleaved, True, True)
+    out, lse = torch.empty_like(qc), torch.empty(qc.shape[:3], device="cuda", dtype=torch.float32)
+    _cuda_forward(qc, kc, vc, out, lse, pos_c, inv_freq, cu_q, cu_k, *flags)
+    dq, dk, dv = torch.empty_like(qc), torch.empty_like(kc), torch.empty_like(vc)
+    q_rot = _rope_cuda(qc, pos_c, inv_freq, scaling, interleaved, True)
+    _cuda_backward(gc, q_rot, kc, vc, out, lse, dq, dk, dv, pos_c, inv_freq, cu_q, cu_k, *flags)
+    floor = {torch.float16: 1e-3, torch.bfloat16: 1e-2}[case.dtype]
+    for name, got, base, want in zip(("out", "dq", "dk_rot", "dv"), (out, dq, dk, dv), baseline, expected):
+        err = (got.cpu().double() - want).abs().max().item()
+        ref_err = (base.double() - want).abs().max().item()
+        assert err <= 2 * ref_err + floor, f"{name}: error {err:.3e} vs plain torch in {case.dtype} {ref_err:.3e}"
 
 
 def test_rotation_happens_inside():
@@ -248,44 +418,6 @@ def test_bad_input_is_named(what, call, message):
 def test_cuda_backend_reports_why_not():
     usable, reason = attention_backends("cpu")["cuda"]
     assert not usable and reason
-
-
-@pytest.mark.parametrize("mode", ["batched", "packed ids", "kv cache"])
-def test_transformers_attention_function(mode):
-    """`ctxext_attention_forward` on unrotated q/k == transformers' own sdpa attention on q/k rotated with
-    transformers' rotary embedding and apply_rotary_pos_emb."""
-    from transformers import LlamaConfig
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
-
-    from ctxext_kernels.integrations.attention_backend import SPEC_ATTRIBUTE, ctxext_attention_forward, register
-
-    register()
-    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
-                         max_position_embeddings=256)
-    module = torch.nn.Module()
-    module.is_causal, module.num_key_value_groups = True, 2
-    setattr(module, SPEC_ATTRIBUTE, RopeSpec.from_hf_config(config))
-    g = torch.Generator().manual_seed(0)
-    batch, seq = (1, 12) if mode == "packed ids" else (2, 10)
-    q, k, v = (torch.randn(batch, h, seq, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
-    pos = {"batched": torch.arange(3, 3 + seq).expand(batch, seq), "packed ids": torch.tensor([[0, 1, 2, 7, 9, 0, 1,
-           5, 6, 0, 1, 2]]), "kv cache": torch.arange(seq).expand(batch, seq)}[mode]
-    cos, sin = LlamaRotaryEmbedding(config)(v, pos)
-    q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin)
-    if mode == "kv cache":  # the last 3 tokens are new queries against all 10 cached (unrotated) keys
-        q, q_rot, pos = q[:, :, -3:], q_rot[:, :, -3:], pos[:, -3:]
-        mask = torch.ones(3, seq, dtype=torch.bool).tril(seq - 3)
-        want = sdpa_attention_forward(module, q_rot, k_rot, v, mask[None, None], is_causal=False)[0]
-    elif mode == "packed ids":
-        seg = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
-        mask = (seg[:, None] == seg[None, :]) & torch.ones(seq, seq, dtype=torch.bool).tril()
-        want = sdpa_attention_forward(module, q_rot, k_rot, v, mask[None, None], is_causal=False)[0]
-    else:
-        want = sdpa_attention_forward(module, q_rot, k_rot, v, None, is_causal=True)[0]
-    got, weights = ctxext_attention_forward(module, q.float(), k.float(), v.float(), None, position_ids=pos)
-    assert weights is None
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_benchmark_smoke_writes_report(tmp_path):

@@ -14,6 +14,7 @@ LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "origi
 CONFIGS = [  # (rope_type, scaling params, head-size overrides)
     ("default", {}, {}),
     ("default", {}, {"partial_rotary_factor": 0.5}),
+    ("default", {}, {"partial_rotary_factor": 0.3}),  # int(64 * 0.3) = 19 is odd: transformers rotates 20 dims
     ("linear", {"factor": 4.0}, {}),
     ("linear", {"factor": 2.5}, {"head_dim": 128}),
     ("dynamic", {"factor": 2.0}, {}),
@@ -93,10 +94,6 @@ def test_unknown_rope_type_is_named():
         RopeSpec.from_params(64, rope_type="ntk-magic")
 
 
-def test_longrope_factor_count_is_checked():
-    with pytest.raises(ValueError, match="short_factor has 3 entries, expected rotary_dim / 2 = 32"):
-        RopeSpec.from_params(64, rope_type="longrope", short_factor=[1.0] * 3, long_factor=[1.0] * 3,
-                             original_max_position_embeddings=512)
 
 
 def test_per_layer_type_parameters_need_a_layer_type():
@@ -109,3 +106,97 @@ def test_per_layer_type_parameters_need_a_layer_type():
         RopeSpec.from_hf_config(config)
     spec = RopeSpec.from_hf_config(config, layer_type="sliding_attention")
     assert spec.rope_type == "linear"
+
+
+# ------------------------------------------------------------------------------------------- parameter validation
+BAD_PARAMS = [  # (rope_type, scaling params, head-size overrides, error type, message naming the key)
+    ("default", {"rope_theta": 0.0}, {}, ValueError, "'rope_theta'.*> 1"),
+    ("default", {"rope_theta": -1e4}, {}, ValueError, "'rope_theta'"),
+    ("default", {"rope_theta": float("nan")}, {}, ValueError, "'rope_theta'.*nan"),
+    ("default", {"rope_theta": "10000"}, {}, TypeError, "'rope_theta'.*must be a number"),
+    ("default", {}, {"partial_rotary_factor": 0.0}, ValueError, "'partial_rotary_factor'"),
+    ("default", {}, {"partial_rotary_factor": 1.5}, ValueError, "'partial_rotary_factor' must be in \\(0, 1\\]"),
+    ("default", {}, {"partial_rotary_factor": float("nan")}, ValueError, "'partial_rotary_factor'"),
+    ("default", {}, {"partial_rotary_factor": 0.01}, ValueError, "leaves 0 rotary dims"),
+    ("default", {}, {"head_dim": 0}, ValueError, "head_dim must be a positive integer"),
+    ("default", {}, {"head_dim": 65}, ValueError, "head_dim=65 is odd"),
+    ("linear", {}, {}, ValueError, "'linear' needs the rope parameter 'factor'"),
+    ("linear", {"factor": 0.0}, {}, ValueError, "'factor' \\(linear\\) must be a finite number > 0"),
+    ("linear", {"factor": -2.0}, {}, ValueError, "'factor'"),
+    ("linear", {"factor": float("inf")}, {}, ValueError, "'factor'"),
+    ("dynamic", {"factor": 0.0}, {}, ValueError, "'factor' \\(dynamic\\)"),
+    ("dynamic", {"factor": 2.0}, {"head_dim": 2}, ValueError, "more than 2 rotary dims"),
+    ("yarn", {"factor": 0.0}, {}, ValueError, "'factor' \\(yarn\\)"),
+    ("yarn", {"factor": float("nan")}, {}, ValueError, "'factor' \\(yarn\\)"),
+    ("yarn", {"factor": 4.0, "beta_fast": -1.0}, {}, ValueError, "'beta_fast'"),
+    ("yarn", {"factor": 4.0, "attention_factor": 0.0}, {}, ValueError, "'attention_factor'"),
+    ("yarn", {"factor": 4.0, "original_max_position_embeddings": 0}, {}, ValueError,
+     "'original_max_position_embeddings'"),
+    ("llama3", dict(LLAMA3, factor=0.0), {}, ValueError, "'factor' \\(llama3\\)"),
+    ("llama3", dict(LLAMA3, low_freq_factor=4.0), {}, ValueError, "'high_freq_factor' \\(4.0\\) must exceed"),
+    ("llama3", dict(LLAMA3, low_freq_factor=0.0), {}, ValueError, "'low_freq_factor'"),
+    ("llama3", {k: v for k, v in LLAMA3.items() if k != "high_freq_factor"}, {}, ValueError,
+     "needs the rope parameter 'high_freq_factor'"),
+    ("longrope", dict(LONGROPE, short_factor=[1.0] * 3), {}, ValueError, "'short_factor'.*rotary_dim / 2 = 32"),
+    ("longrope", dict(LONGROPE, long_factor=[1.0] * 33), {}, ValueError, "'long_factor'.*rotary_dim / 2 = 32"),
+    ("longrope", dict(LONGROPE, long_factor=[0.0] * 32), {}, ValueError, "'long_factor'.*finite numbers > 0"),
+    ("longrope", dict(LONGROPE, factor=-1.0), {}, ValueError, "'factor' \\(longrope\\)"),
+    ("proportional", {"partial_rotary_factor": 0.25, "factor": 0.0}, {}, ValueError, "'factor' \\(proportional"),
+]
+
+
+def _plain_config(rope_type, scaling, overrides, spelling):
+    """A config object in transformers' 5.x spelling (rope_parameters) or 4.x spelling (rope_theta + rope_scaling),
+    without transformers' constructors (which warn about, or rewrite, some of these values)."""
+    from types import SimpleNamespace
+
+    params = dict(rope_type=rope_type, **scaling)
+    theta = params.pop("rope_theta", 10000.0)
+    partial = overrides.get("partial_rotary_factor")
+    common = dict(head_dim=overrides.get("head_dim", 64), max_position_embeddings=4096)
+    if spelling == "5.x":
+        partial_key = {} if partial is None else {"partial_rotary_factor": partial}
+        return SimpleNamespace(**common, rope_parameters=dict(params, rope_theta=theta, **partial_key))
+    return SimpleNamespace(**common, rope_theta=theta, partial_rotary_factor=partial,
+                           rope_scaling=None if rope_type == "default" else params)
+
+
+@pytest.mark.parametrize("spelling", ["5.x", "4.x"])
+@pytest.mark.parametrize("rope_type,scaling,overrides,error,message", BAD_PARAMS,
+                         ids=[f"{i}-{c[0]}" for i, c in enumerate(BAD_PARAMS)])
+def test_bad_rope_parameters_are_named(rope_type, scaling, overrides, error, message, spelling):
+    with pytest.raises(error, match=message):
+        RopeSpec.from_hf_config(_plain_config(rope_type, scaling, overrides, spelling))
+
+
+@pytest.mark.parametrize("spelling", ["5.x", "4.x"])
+def test_the_plain_configs_are_valid(spelling):
+    """The validation refuses the bad value, not the config around it: each base config builds."""
+    for rope_type, scaling in (("default", {}), ("linear", {"factor": 2.0}), ("dynamic", {"factor": 2.0}),
+                               ("yarn", {"factor": 4.0}), ("llama3", LLAMA3), ("longrope", LONGROPE),
+                               ("proportional", {"partial_rotary_factor": 0.0})):
+        spec = RopeSpec.from_hf_config(_plain_config(rope_type, scaling, {}, spelling))
+        assert bool(torch.isfinite(spec.inv_freq).all()) and spec.rotary_dim == 64
+
+
+def test_factor_zero_is_refused_not_replaced():
+    """YaRN used to replace factor 0 by max_position_embeddings / original_max_position_embeddings (`or`)."""
+    with pytest.raises(ValueError, match="'factor'"):
+        RopeSpec.from_params(64, rope_type="yarn", factor=0, original_max_position_embeddings=1024,
+                             max_position_embeddings=4096)
+    implicit = RopeSpec.from_params(64, rope_type="yarn", original_max_position_embeddings=1024,
+                                    max_position_embeddings=4096)
+    explicit = RopeSpec.from_params(64, rope_type="yarn", factor=4.0, original_max_position_embeddings=1024,
+                                    max_position_embeddings=4096)
+    assert torch.equal(implicit.inv_freq, explicit.inv_freq)
+
+
+def test_config_none_and_missing_sizes_are_named():
+    from types import SimpleNamespace
+
+    with pytest.raises(TypeError, match="config must be"):
+        RopeSpec.from_hf_config(None)
+    with pytest.raises(ValueError, match="hidden_size and num_attention_heads"):
+        RopeSpec.from_hf_config(SimpleNamespace(max_position_embeddings=64, rope_parameters={"rope_theta": 1e4}))
+    with pytest.raises(ValueError, match="max_position_embeddings must be a positive integer"):
+        RopeSpec.from_hf_config(SimpleNamespace(head_dim=64, max_position_embeddings=0))

@@ -1,10 +1,10 @@
 """Monkey-patch transformers so every supported model family rotates q and k with one fused kernel.
 
 For each family, two objects of `transformers.models.<family>.modeling_<family>` are replaced:
-- `<Family>RotaryEmbedding.forward` -> `fused_rotary_forward` (returns position ids + spec instead of cos/sin tables;
-  a class attribute, so models built before the patch are covered too);
-- the module-level `apply_rotary_pos_emb` -> a wrapper that sends `RopeTable`s to `apply_rope` and anything else
-  (real cos/sin tensors) to the original function.
+- `<Family>RotaryEmbedding.forward` -> `fused_rotary_forward` (the stock cos/sin tables, each carrying the position
+  ids + spec as a `FusedRope`; a class attribute, so models built before the patch are covered too);
+- the module-level `apply_rotary_pos_emb` -> a wrapper that sends such an untouched (cos, sin) pair to `apply_rope`
+  and any other cos/sin tensors to the original function.
 Patching also registers `attn_implementation="ctxext"` (attention_backend.py), under which the rotation moves into
 the fused attention kernel. `patch_on_import()` (what `import ctxext_kernels` runs) patches families already loaded
 and hooks the import of the others. Every replaced object is recorded as (owner, attribute, original) so `unpatch()`
@@ -25,7 +25,7 @@ import warnings
 import torch
 
 from .attention_backend import register as register_attention_backend
-from .rotary import RopeTable, fused_rotary_forward
+from .rotary import fused_rope_of, fused_rotary_forward
 
 SUPPORTED_TRANSFORMERS = ((4, 57), (6, 0))  # [4.57, 6.0): 4.57.x and every 5.x
 
@@ -89,12 +89,14 @@ def transformers_supported() -> bool:
 
 
 def fused_apply_rotary_pos_emb(original):
-    """`apply_rotary_pos_emb` that routes `RopeTable`s to the fused kernel and everything else to `original`."""
+    """`apply_rotary_pos_emb` that sends the (cos, sin) of a patched rotary module to the fused kernel and any other
+    tables to `original`."""
     @functools.wraps(original)
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        if isinstance(cos, RopeTable):
+        fused = fused_rope_of(cos, sin)
+        if fused is not None:
             unsqueeze_dim = kwargs.get("unsqueeze_dim", args[-1] if args else 1)
-            return cos.rotate(q, k, unsqueeze_dim)
+            return fused.rotate(q, k, unsqueeze_dim)
         return original(q, k, cos, sin, *args, **kwargs)
     apply_rotary_pos_emb.__wrapped_by_ctxext__ = True
     return apply_rotary_pos_emb

@@ -2,7 +2,8 @@
 
 q and k arrive *unrotated*; the fused kernels rotate each tile in registers from the integer positions (the exact
 angle of the RoPE op) and run FlashAttention-2. The "torch" backend is the reference: rotate with the RoPE op's
-reference, then attention in fp32 with an explicit mask. Checks and layout handling are the RoPE op's own.
+reference, then attention in fp32 with an explicit mask. Checks are `checks`' (shared with the RoPE op), and so
+is the layout handling.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import math
 
 import torch
 
-from . import cuda_ext, reference
-from .rope import _canonical, _check_qk, _check_range, _positions_2d, _triton_status
+from . import checks, cuda_ext, reference
+from .rope import _canonical, _triton_status
+from .rope import _launcher as _rope_launcher
 from .spec import RopeSpec
 
 ATTENTION_BACKENDS = ("cuda", "triton", "torch")
@@ -28,7 +30,8 @@ def _cuda_status(device_type: str) -> tuple[bool, str]:
         return False, "the CUDA extension was built without csrc/attention (fused attention)"
     if device_type != "cuda":
         return False, "the CUDA fused attention needs CUDA tensors"
-    return True, "hand-written CUDA fused attention (WMMA tensor cores, sm_80+), float16/bfloat16, head_dim 64/128"
+    return True, ("hand-written CUDA FlashAttention-2 (mma.sync, ldmatrix, cp.async; sm_80+), float16/bfloat16, "
+                  "head_dim 64/128; opt-in: not yet run against the float64 oracle on a GPU")
 
 
 def attention_backends(device: str | torch.device | None = None) -> dict[str, tuple[bool, str]]:
@@ -47,7 +50,7 @@ def attention_backends(device: str | torch.device | None = None) -> dict[str, tu
 def _pick(backend: str | None, device_type: str) -> str:
     available = attention_backends(device_type)
     if backend is None:
-        # Triton is the tuned training path on GPUs; the CUDA kernels are the simple tensor-core reimplementation.
+        # Triton is the default on GPUs; the CUDA kernels stay opt-in until a GPU has run them against the oracle.
         return "triton" if device_type == "cuda" and available["triton"][0] else "torch"
     if backend not in available:
         raise ValueError(f"backend must be one of {tuple(available)} or None, got {backend!r}")
@@ -131,24 +134,26 @@ def _reference_attention_backward(grad_out, q, k, v, positions, inv_freq, cu_seq
 
 
 # ------------------------------------------------------------------------------------------ fused launchers
-def _longest(q_canonical: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
-    """Longest sequence: S, or the longest packed sequence of cu_seqlens (one host sync)."""
-    if cu_seqlens is None:
-        return q_canonical.shape[1]
-    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """x, or a dense copy when the CUDA kernels cannot stream its rows (contiguous, 16-byte aligned head rows)."""
+    if x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(stride % 8 == 0 for stride in x.stride()[:3]):
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
 
 
-def _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal, interleaved,
-               exact, rotate):
+def _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal,
+               interleaved, exact, rotate):
     """AttentionArgs of the CUDA launchers (canonical `[B, S, H, D]` views; see csrc/attention/attention.h)."""
     ext = cuda_ext._load()[0]
     args = ext.AttentionArgs()
     for name, x in (("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse), ("positions", positions),
-                    ("inv_freq", inv_freq), ("cu_seqlens", cu_seqlens)):
+                    ("inv_freq", inv_freq), ("cu_seqlens", cu_seqlens), ("cu_seqlens_k", cu_seqlens_k)):
         setattr(args, name, cuda_ext._view(x, ext))
     args.dtype = getattr(ext.DType, _DTYPE_TAGS[q.dtype])
     args.positions_int64 = positions.dtype == torch.int64
-    args.max_seqlen = _longest(q, cu_seqlens)
+    # Upper bounds of the longest sequences size the grid (blocks past a sequence's end return at once): the exact
+    # longest of cu_seqlens / cu_seqlens_k would cost a host sync on every call.
+    args.max_seqlen_q, args.max_seqlen_k = q.shape[1], k.shape[1]
     args.scaling, args.softmax_scale = float(scaling), float(softmax_scale)
     args.causal, args.interleaved, args.exact, args.rotate = causal, interleaved, exact, rotate
     args.device = q.device.index if q.device.index is not None else torch.cuda.current_device()
@@ -156,40 +161,89 @@ def _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, soft
     return ext, args
 
 
-def fused_forward(backend, q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
-                  interleaved, exact, rotate=True) -> None:
-    """Run a fused backend's forward into out `[B,S,Hq,D]` and lse fp32 `[B,S,Hq]` (canonical views).
+def _cuda_forward(q, k_rot, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale,
+                  causal, interleaved, exact, rotate) -> None:
+    """The CUDA forward into out `[B, Sq, Hq, D]` and lse fp32 `[B, Sq, Hq]`.
 
-    `rotate=False` runs the same kernel without RoPE: the benchmark's measure of what the rotation costs.
+    q `[B, Sq, Hq, D]` goes in unrotated (the kernel rotates each Q tile by `positions` `[B, Sq]`), k_rot and v
+    `[B, Sk, Hk, D]` with the keys already rotated, Sk >= Sq; causal masking is aligned bottom-right (query i sees
+    keys j <= i + Sk - Sq). Packed batches (B == 1): int32 `cu_seqlens` / `cu_seqlens_k` `[N + 1]`, both or neither.
     """
+    q, k_rot, v = _aligned(q), _aligned(k_rot), _aligned(v)  # named: the copies must outlive the launch
+    ext, args = _cuda_args(q, k_rot, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling,
+                           softmax_scale, causal, interleaved, exact, rotate)
+    ext.rope_attention_forward_cuda(args)
+
+
+def _cuda_backward(grad_out, q_rot, k_rot, v, out, lse, dq, dk_rot, dv, positions, inv_freq, cu_seqlens,
+                   cu_seqlens_k, scaling, softmax_scale, causal, interleaved, exact, rotate) -> None:
+    """The CUDA backward into dq (of the unrotated q: the kernel rotates it back), dk_rot (of the rotated keys) and
+    dv. Takes the queries rotated (q_rot; every dK/dV block reads each Q tile, so they are rotated once up front);
+    otherwise the arguments of `_cuda_forward`.
+    """
+    grad_out, q_rot, k_rot, v = (_aligned(x) for x in (grad_out, q_rot, k_rot, v))
+    ext, args = _cuda_args(q_rot, k_rot, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling,
+                           softmax_scale, causal, interleaved, exact, rotate)
+    # D_i = rowsum(dO * O): the softmax-Jacobian correction, one fp32 value per query row
+    delta = (grad_out.float() * out.float()).sum(-1)
+    for name, x in (("grad_out", grad_out), ("delta", delta), ("grad_q", dq), ("grad_k", dk_rot), ("grad_v", dv)):
+        setattr(args, name, cuda_ext._view(x, ext))
+    ext.rope_attention_backward_cuda(args)
+
+
+def fused_forward(backend, q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
+                  interleaved, exact, rotate=True, *, cu_seqlens_k=None, k_rotated=False) -> None:
+    """Run a fused backend's forward into out `[B,Sq,Hq,D]` and lse fp32 `[B,Sq,Hq]` (canonical views).
+
+    q `[B,Sq,Hq,D]` is unrotated; k, v `[B,Sk,Hk,D]`: k unrotated at the queries' positions (Sk == Sq), or already
+    rotated (`k_rotated`: Sk >= Sq, packed keys delimited by `cu_seqlens_k`, default `cu_seqlens`). Unrotated keys
+    are rotated once here by the backend's RoPE kernel; the attention kernel then rotates only Q, once per Q tile.
+    `rotate=False` runs the same kernels without RoPE: the benchmark's measure of what the rotation costs.
+    """
+    if rotate and not k_rotated:
+        k_rot = torch.empty_like(k)
+        _rope_launcher(backend)(k, None, k_rot, None, positions, inv_freq, scaling, interleaved, False, exact)
+        k = k_rot
+    cu_seqlens_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     if backend == "cuda":
-        ext, args = _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
-                               interleaved, exact, rotate)
-        ext.rope_attention_forward_cuda(args)
+        _cuda_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal,
+                      interleaved, exact, rotate)
         return
     from . import triton_attention
 
-    triton_attention.attention_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale,
-                                       causal, interleaved, exact, rotate)
+    triton_attention.attention_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling,
+                                       softmax_scale, causal, interleaved, exact, rotate)
 
 
 def fused_backward(backend, grad_out, q, k, v, out, lse, dq, dk, dv, positions, inv_freq, cu_seqlens, scaling,
-                   softmax_scale, causal, interleaved, exact, rotate=True) -> None:
-    """Run a fused backend's backward into dq, dk, dv (gradients of the unrotated q, k and of v; canonical views)."""
-    if backend == "cuda":
-        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        ext, args = _cuda_args(q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
-                               interleaved, exact, rotate)
-        # D_i = rowsum(dO * O): the softmax-Jacobian correction, one fp32 value per query row
-        delta = (grad_out.float() * out.float()).sum(-1)
-        for name, x in (("grad_out", grad_out), ("delta", delta), ("grad_q", dq), ("grad_k", dk), ("grad_v", dv)):
-            setattr(args, name, cuda_ext._view(x, ext))
-        ext.rope_attention_backward_cuda(args)
-        return
-    from . import triton_attention
+                   softmax_scale, causal, interleaved, exact, rotate=True, *, cu_seqlens_k=None,
+                   k_rotated=False) -> None:
+    """Run a fused backend's backward into dq, dk, dv: gradients of the unrotated q, of k as it came in (unrotated,
+    or rotated with `k_rotated`) and of v; arguments as `fused_forward`.
 
-    triton_attention.attention_backward(grad_out, q, k, v, out, lse, dq, dk, dv, positions, inv_freq, cu_seqlens,
-                                        scaling, softmax_scale, causal, interleaved, exact, rotate)
+    q (and unrotated k) are rotated once by the backend's RoPE kernel (every dK/dV block reads each Q tile); the dQ
+    kernel rotates dQ back in its epilogue; dK of keys rotated here is rotated back in place by the RoPE kernel (the
+    angle negated: the rotation's transpose).
+    """
+    rope = _rope_launcher(backend)
+    rotate_k = rotate and not k_rotated
+    q_rot, k_rot = q, k
+    if rotate:  # one RoPE launch for both: cos/sin once per token
+        q_rot, k_rot = torch.empty_like(q), torch.empty_like(k) if rotate_k else k
+        rope(q, k if rotate_k else None, q_rot, k_rot if rotate_k else None, positions, inv_freq, scaling, interleaved,
+             False, exact)
+    cu_seqlens_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    if backend == "cuda":
+        _cuda_backward(grad_out, q_rot, k_rot, v, out, lse, dq, dk, dv, positions, inv_freq, cu_seqlens, cu_seqlens_k,
+                       scaling, softmax_scale, causal, interleaved, exact, rotate)
+    else:
+        from . import triton_attention
+
+        triton_attention.attention_backward(grad_out, q_rot, k_rot, v, out, lse, dq, dk, dv, positions, inv_freq,
+                                            cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal, interleaved,
+                                            exact, rotate)
+    if rotate_k:
+        rope(dk, None, dk, None, positions, inv_freq, scaling, interleaved, True, exact)
 
 
 # ---------------------------------------------------------------------------------------------------- custom ops
@@ -211,10 +265,9 @@ def _rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
         out = torch.empty_like(q)
         _canonical(out, layout).copy_(out_c)
         return out, lse.contiguous()
-    _fused_supports(k_rotated, cu_seqlens_k, backend)
     out, lse = torch.empty_like(q), q.new_empty(_lse_shape(q, layout), dtype=torch.float32)
     fused_forward(backend, qc, kc, vc, _canonical(out, layout), lse, positions, inv_freq, cu_seqlens, scaling,
-                  softmax_scale, causal, interleaved, exact)
+                  softmax_scale, causal, interleaved, exact, cu_seqlens_k=cu_seqlens_k, k_rotated=k_rotated)
     return out, lse
 
 
@@ -222,12 +275,6 @@ def _rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
 def _(q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal, layout, interleaved,
       exact, k_rotated, backend):
     return torch.empty_like(q), q.new_empty(_lse_shape(q, layout), dtype=torch.float32)
-
-
-def _fused_supports(k_rotated: bool, cu_seqlens_k: torch.Tensor | None, backend: str) -> None:
-    if k_rotated or cu_seqlens_k is not None:
-        raise NotImplementedError(f"the fused {backend} kernels rotate q and k together: k_rotated=True (keys longer "
-                                  "than queries, cu_seqlens_k) runs on backend='torch' only for now")
 
 
 @torch.library.custom_op("ctxext::rope_attention_backward", mutates_args=())
@@ -245,10 +292,9 @@ def _rope_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
         for dst, grad in zip((dq, dk, dv), grads):
             _canonical(dst, layout).copy_(grad)
         return dq, dk, dv
-    _fused_supports(k_rotated, cu_seqlens_k, backend)
     fused_backward(backend, *(_canonical(x, layout) for x in (grad_out, q, k, v, out)), lse,
                    *(_canonical(x, layout) for x in (dq, dk, dv)), positions, inv_freq, cu_seqlens, scaling,
-                   softmax_scale, causal, interleaved, exact)
+                   softmax_scale, causal, interleaved, exact, cu_seqlens_k=cu_seqlens_k, k_rotated=k_rotated)
     return dq, dk, dv
 
 
@@ -276,6 +322,30 @@ _rope_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 # -------------------------------------------------------------------------------------------------------- public
+def _check_boundaries(q, k, layout, cu_seqlens, cu_seqlens_k, k_rotated) -> None:
+    """Free checks of the packed-sequence boundaries (their values: `checks.check_values`)."""
+    if layout != "thd":
+        if cu_seqlens is not None or cu_seqlens_k is not None:
+            raise ValueError("cu_seqlens/cu_seqlens_k describe packed sequences: use them with layout='thd'")
+        return
+    for name, cu in (("cu_seqlens", cu_seqlens), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu is not None:
+            checks.check_cu_seqlens(name, cu, q.device)
+    if cu_seqlens_k is None:
+        if q.shape[0] != k.shape[0]:
+            raise ValueError(f"packed q ({q.shape[0]} tokens) and k ({k.shape[0]} tokens) differ in length: pass "
+                             "both cu_seqlens and cu_seqlens_k")
+        return
+    if not k_rotated:
+        raise ValueError("cu_seqlens_k gives keys their own sequence lengths, which only already rotated keys can "
+                         "have: pass k_rotated=True")
+    if cu_seqlens is None:
+        raise ValueError("cu_seqlens_k needs cu_seqlens (the queries' boundaries)")
+    if cu_seqlens_k.numel() != cu_seqlens.numel():
+        raise ValueError(f"cu_seqlens_k must describe as many sequences as cu_seqlens, got {cu_seqlens_k.numel()} "
+                         f"and {cu_seqlens.numel()} entries")
+
+
 def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor | None,
                    spec: RopeSpec, *, causal: bool = True, softmax_scale: float | None = None, layout: str = "bhsd",
                    cu_seqlens: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
@@ -301,44 +371,38 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_i
             longer than q: `[B, Hk, Sk, D]` with Sk >= Sq, or packed with `cu_seqlens_k`.
         backend: "cuda" (hand-written, fp16/bf16, head_dim 64/128), "triton", "torch" or None (Triton on GPUs, the
             torch reference on CPU).
+        check_positions: check the values of position_ids (in [0, 2^24)), cu_seqlens and cu_seqlens_k (from 0 to
+            the token counts, non-decreasing, at least as many keys as queries per sequence): one host sync;
+            skipped under torch.compile. Pass False only for inputs known to be valid: the kernels trust the
+            boundaries, and a bad one is an out-of-bounds memory access.
     Returns:
         out in q's layout and dtype.
     """
-    _check_qk(q, k, layout, spec, keys_may_extend=k_rotated)
-    if not isinstance(v, torch.Tensor) or v.shape != k.shape or v.dtype != k.dtype or v.device != k.device:
-        raise ValueError(f"v must match k in shape, dtype and device; got {tuple(getattr(v, 'shape', ()))} vs "
-                         f"{tuple(k.shape)}")
-    if v.stride(-1) != 1:
-        raise ValueError(f"v: the head dimension must be contiguous (stride 1), got stride {v.stride(-1)}")
-    n_q_heads, n_kv_heads = _canonical(q, layout).shape[2], _canonical(k, layout).shape[2]
-    if n_q_heads % n_kv_heads:
-        raise ValueError(f"q heads ({n_q_heads}) must be a multiple of k/v heads ({n_kv_heads})")
-    if layout != "thd" and (cu_seqlens is not None or cu_seqlens_k is not None):
-        raise ValueError("cu_seqlens/cu_seqlens_k describe packed sequences: use them with layout='thd'")
-    if cu_seqlens_k is not None and not k_rotated:
-        raise ValueError("cu_seqlens_k gives keys their own sequence lengths, which only already rotated keys can "
-                         "have: pass k_rotated=True")
-    if layout == "thd" and q.shape[0] != k.shape[0] and (cu_seqlens is None or cu_seqlens_k is None):
-        raise ValueError(f"packed q ({q.shape[0]} tokens) and k ({k.shape[0]} tokens) differ in length: pass both "
-                         "cu_seqlens and cu_seqlens_k")
+    checks.check_spec(spec)
+    checks.check_flags(causal=causal, interleaved=interleaved, k_rotated=k_rotated, check_positions=check_positions)
+    checks.check_softmax_scale(softmax_scale)
+    checks.check_qk(q, k, layout, spec, keys_may_extend=k_rotated)
+    checks.check_v(v, k)
+    n_q_heads, n_kv_heads = checks.head_count(q, layout), checks.head_count(k, layout)
+    if n_q_heads < 1 or n_kv_heads < 1 or n_q_heads % n_kv_heads:
+        raise ValueError(f"q heads ({n_q_heads}) must be a positive multiple of k/v heads ({n_kv_heads})")
+    _check_boundaries(q, k, layout, cu_seqlens, cu_seqlens_k, k_rotated)
     backend = _pick(backend, q.device.type)
     head_dim = q.shape[-1]
     if backend == "triton":
-        if head_dim < 32 or head_dim & (head_dim - 1) or head_dim > 256:
-            raise ValueError(f"the fused Triton kernel takes head_dim 32, 64, 128 or 256, got {head_dim}")
+        if head_dim > 256:
+            raise ValueError(f"the fused Triton kernel takes head_dim up to 256, got {head_dim}")
     if backend == "cuda":
         if q.dtype not in _DTYPE_TAGS:
             raise TypeError(f"the fused CUDA kernel takes float16 or bfloat16, got {q.dtype}; use backend='triton'")
         if head_dim not in (64, 128):
             raise ValueError(f"the fused CUDA kernel takes head_dim 64 or 128, got {head_dim}; use backend='triton'")
-    positions = _positions_2d(position_ids, q, layout, cu_seqlens)
-    compiling = torch.compiler.is_compiling()
-    seq_len = _check_range(positions) if (check_positions or spec.is_dynamic) and not compiling else None
-    if spec.is_dynamic and seq_len is None:
-        seq_len = int(positions.max()) + 1
+    positions = checks.positions_2d(position_ids, q, layout, cu_seqlens)
+    seq_len = checks.check_values(positions, check=check_positions, want_max=spec.is_dynamic, cu_seqlens=cu_seqlens,
+                                  n_tokens=q.shape[0], cu_seqlens_k=cu_seqlens_k, n_keys=k.shape[0])
     inv_freq = spec.inv_freq_for(seq_len) if spec.is_dynamic else spec.inv_freq
     inv_freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
-    cu_seqlens, cu_seqlens_k = (None if cu is None else cu.to(device=q.device, dtype=torch.int32).contiguous()
+    cu_seqlens, cu_seqlens_k = (None if cu is None else cu.to(torch.int32).contiguous()
                                 for cu in (cu_seqlens, cu_seqlens_k))
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     out, _ = _rope_attention(q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, float(spec.attention_scaling),

@@ -1,9 +1,10 @@
-"""The RoPE custom ops: argument checks, layout handling, backend dispatch and autograd.
+"""The RoPE custom ops: layout handling, backend dispatch and autograd.
 
-`apply_rope` is the public entry. It validates everything first (so nothing is written to the caller's tensors on
-error), turns the layout into canonical `[B, S, H, D]` views without copying, and calls one of two custom ops:
-`ctxext::rope` (out of place, autograd-aware) or `ctxext::rope_` (in place). Both run the same launcher on the chosen
-backend; backward is the forward launcher with the angle negated.
+`apply_rope` is the public entry. It validates everything first (`checks`: nothing is launched, and nothing is
+written to the caller's tensors, on error), turns the layout into canonical `[B, S, H, D]` views without copying,
+and calls one of three custom ops: `ctxext::rope` (out of place, autograd-aware), `ctxext::rope_` (in place) or
+`ctxext::rope_keys` (k alone). All run the same launcher on the chosen backend; backward is the forward launcher with
+the angle negated.
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ from typing import Callable
 
 import torch
 
-from . import cuda_ext, reference
-from .spec import MAX_POSITION, RopeSpec
+from . import checks, cuda_ext, reference
+from .spec import RopeSpec
 
-LAYOUTS = ("bhsd", "bshd", "thd")
 BACKENDS = ("cuda", "triton", "cpu", "torch")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------------------------- backends
@@ -200,96 +199,6 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-# ------------------------------------------------------------------------------------------------------ checks
-def _check_qk(q: torch.Tensor, k: torch.Tensor, layout: str, spec: RopeSpec, keys_may_extend: bool = False) -> None:
-    """Named checks of q and k. keys_may_extend: k may hold more tokens than q (already rotated keys of a KV cache):
-    same batch and at least as many keys per sequence ("thd": any counts, cu_seqlens_k says which keys are whose)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    want = 3 if layout == "thd" else 4
-    for name, x in (("q", q), ("k", k)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != want:
-            raise ValueError(f"{name} must be {want}-D for layout {layout!r} ({_SHAPES[layout]}), got shape "
-                             f"{tuple(x.shape)}")
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
-        if x.stride(-1) != 1:
-            raise ValueError(f"{name}: the head dimension must be contiguous (stride 1), got stride {x.stride(-1)}; "
-                             "call .contiguous() first")
-    if q.dtype != k.dtype:
-        raise TypeError(f"q and k must have the same dtype, got {q.dtype} and {k.dtype}")
-    if q.device != k.device:
-        raise ValueError(f"q and k must be on the same device, got {q.device} and {k.device}")
-    q_tokens, k_tokens = _token_dims(q, layout), _token_dims(k, layout)
-    if keys_may_extend:
-        if layout != "thd" and (q_tokens[0] != k_tokens[0] or k_tokens[1] < q_tokens[1]):
-            raise ValueError(f"k must have q's batch and at least its sequence length, got q {q_tokens} and k "
-                             f"{k_tokens} (batch, seq)")
-    elif q_tokens != k_tokens:
-        raise ValueError(f"q and k must have the same batch/sequence dims, got {q_tokens} and {k_tokens}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must have the same head_dim, got {q.shape[-1]} and {k.shape[-1]}")
-    if spec.rotary_dim > q.shape[-1] or spec.rotary_dim % 2:
-        raise ValueError(f"spec.rotary_dim={spec.rotary_dim} must be even and <= head_dim={q.shape[-1]}")
-
-
-_SHAPES = {"bhsd": "[batch, heads, seq, head_dim]", "bshd": "[batch, seq, heads, head_dim]",
-           "thd": "[total_tokens, heads, head_dim]"}
-
-
-def _token_dims(x: torch.Tensor, layout: str) -> tuple[int, ...]:
-    return {"bhsd": (x.shape[0], x.shape[2]), "bshd": tuple(x.shape[:2]), "thd": (x.shape[0],)}[layout]
-
-
-def _positions_2d(position_ids, q, layout, cu_seqlens) -> torch.Tensor:
-    """position_ids as `[B, S]` (`[1, T]` for "thd"), a view where possible."""
-    tokens = _token_dims(q, layout)
-    if position_ids is None:
-        if layout == "thd":
-            if cu_seqlens is None:
-                raise ValueError("layout 'thd' needs position_ids or cu_seqlens")
-            return _positions_from_cu_seqlens(cu_seqlens, tokens[0], q.device)[None]
-        return torch.arange(tokens[1], device=q.device)[None]
-    if not isinstance(position_ids, torch.Tensor):
-        raise TypeError(f"position_ids must be a torch.Tensor, got {type(position_ids).__name__}")
-    if position_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"position_ids must be an integer tensor (int32 or int64), got {position_ids.dtype}")
-    if position_ids.device != q.device:
-        raise ValueError(f"position_ids is on {position_ids.device} but q is on {q.device}")
-    pos = position_ids if position_ids.dim() == 2 else position_ids[None]
-    expected = (1,) + tokens if layout == "thd" else tokens
-    if pos.dim() != 2 or pos.shape[1] != expected[-1] or pos.shape[0] not in (1, expected[0]):
-        raise ValueError(f"position_ids must be [batch, seq], [seq] or [total_tokens] matching q's tokens {tokens}, "
-                         f"got shape {tuple(position_ids.shape)}")
-    return pos.expand(expected)
-
-
-def _positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int, device) -> torch.Tensor:
-    """0, 1, ... restarting at each packed sequence start: `[T]` from cu_seqlens `[num_seqs + 1]`."""
-    cu = cu_seqlens.to(device=device, dtype=torch.int64)
-    if cu.dim() != 1 or int(cu[-1]) != total or int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError(f"cu_seqlens must be a non-decreasing 1-D tensor from 0 to total_tokens={total}, got "
-                         f"{cu_seqlens.tolist()}")
-    tokens = torch.arange(total, device=device)
-    starts = cu[torch.searchsorted(cu, tokens, right=True) - 1]
-    return tokens - starts
-
-
-def _check_range(positions: torch.Tensor) -> int:
-    """Raise on positions outside [0, 2^24); return max position + 1 (one host sync for both)."""
-    if positions.numel() == 0:
-        return 0
-    lo, hi = torch.aminmax(positions)
-    lo, hi = int(lo), int(hi)
-    if lo < 0:
-        raise ValueError(f"position_ids must be non-negative, found {lo}")
-    if hi > MAX_POSITION:
-        raise ValueError(f"position_ids must be below 2^24 = {MAX_POSITION + 1} (exact fp32 integers), found {hi}")
-    return hi + 1
-
-
 # ------------------------------------------------------------------------------------------------------ public
 def apply_rope(q: torch.Tensor | None, k: torch.Tensor, position_ids: torch.Tensor | None, spec: RopeSpec, *,
                layout: str = "bhsd", interleaved: bool = False, inplace: bool = False,
@@ -307,10 +216,13 @@ def apply_rope(q: torch.Tensor | None, k: torch.Tensor, position_ids: torch.Tens
         spec: the model's `RopeSpec`: frequencies, rotary_dim (dims beyond it pass through), attention scaling,
             angle mode.
         interleaved: rotate (x[2i], x[2i+1]) pairs (GPT-J) instead of (x[i], x[i + rotary_dim/2]) (NeoX/transformers).
-        inplace: write into q and k and return them.
-        cu_seqlens: int `[num_seqs + 1]` sequence starts of a packed "thd" batch, used when position_ids is None.
+        inplace: write into q and k and return them. Refused (before anything is written) when q and k share
+            memory, when either has elements sharing one location (expanded views), or for a leaf that requires grad.
+        cu_seqlens: int `[num_seqs + 1]` sequence starts of a packed "thd" batch (on q's device), used when
+            position_ids is None.
         backend: "cuda", "triton", "cpu", "torch" or None for the best one for the tensors' device.
-        check_positions: validate the position range (one host sync; it is skipped under torch.compile).
+        check_positions: check the values of position_ids (in [0, 2^24)) and cu_seqlens (0 to T, non-decreasing):
+            one host sync; skipped under torch.compile. Pass False only for inputs known to be valid.
     Returns:
         (q_rot, k_rot) in q's layout and dtype.
 
@@ -319,23 +231,23 @@ def apply_rope(q: torch.Tensor | None, k: torch.Tensor, position_ids: torch.Tens
         >>> q, k = torch.randn(1, 8, 16, 64), torch.randn(1, 2, 16, 64)
         >>> q_rot, k_rot = apply_rope(q, k, torch.arange(16), spec)
     """
-    if q is None:  # keys alone: checked as a tensor that is its own partner
-        if inplace:
-            raise ValueError("inplace=True rotates q and k together: pass q, or rotate k out of place (inplace=False)")
-        _check_qk(k, k, layout, spec)
-    else:
-        _check_qk(q, k, layout, spec)
-    positions = _positions_2d(position_ids, k, layout, cu_seqlens)
-    compiling = torch.compiler.is_compiling()
-    seq_len = _check_range(positions) if (check_positions or spec.is_dynamic) and not compiling else None
-    if spec.is_dynamic:
-        if seq_len is None:
-            seq_len = int(positions.max()) + 1
-        inv_freq = spec.inv_freq_for(seq_len)
-    else:
-        inv_freq = spec.inv_freq
-    inv_freq = inv_freq.to(device=k.device, dtype=torch.float32).contiguous()
+    checks.check_spec(spec)
+    checks.check_flags(interleaved=interleaved, inplace=inplace, check_positions=check_positions)
+    if q is None and inplace:
+        raise ValueError("inplace=True rotates q and k together: pass q, or rotate k out of place (inplace=False)")
+    checks.check_qk(q, k, layout, spec)
     backend = _resolve_backend(backend, k.device.type)
+    if inplace:
+        checks.check_inplace(q, k)
+    if cu_seqlens is not None:
+        if layout != "thd":
+            raise ValueError(f"cu_seqlens describes packed sequences: use it with layout='thd', not {layout!r}")
+        checks.check_cu_seqlens("cu_seqlens", cu_seqlens, k.device)
+    positions = checks.positions_2d(position_ids, k, layout, cu_seqlens)
+    seq_len = checks.check_values(positions, check=check_positions, want_max=spec.is_dynamic, cu_seqlens=cu_seqlens,
+                                  n_tokens=k.shape[0])
+    inv_freq = spec.inv_freq_for(seq_len) if spec.is_dynamic else spec.inv_freq
+    inv_freq = inv_freq.to(device=k.device, dtype=torch.float32).contiguous()
     args = (positions, inv_freq, float(spec.attention_scaling), layout, interleaved)
     exact = spec.angle == "exact"
     if q is None:
@@ -359,9 +271,12 @@ def rope_cos_sin(position_ids: torch.Tensor, spec: RopeSpec, dtype: torch.dtype 
     Returns:
         cos, sin: `[..., S, rotary_dim]` (each frequency twice, half-split order), times the attention scaling.
     """
-    if position_ids.dtype not in (torch.int32, torch.int64):
+    checks.check_tensor("position_ids", position_ids)
+    if position_ids.dtype not in checks.INDEX_DTYPES:
         raise TypeError(f"position_ids must be an integer tensor (int32 or int64), got {position_ids.dtype}")
-    seq_len = _check_range(position_ids)
+    checks.check_spec(spec)
+    checks.check_out_dtype(dtype)
+    seq_len = checks.check_values(position_ids, check=True, want_max=True)
     inv_freq = spec.inv_freq_for(seq_len).to(position_ids.device)
     cos, sin = reference.rope_angles_cos_sin(position_ids, inv_freq, spec.attention_scaling,
                                              exact=spec.angle == "exact")

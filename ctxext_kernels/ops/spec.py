@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
@@ -45,8 +47,8 @@ class RopeSpec:
     Attributes:
         rope_type: one of `ROPE_TYPES`.
         head_dim: size of one attention head.
-        rotary_dim: leading dims of each head that are rotated (`head_dim * partial_rotary_factor`); the rest pass
-            through unchanged.
+        rotary_dim: leading dims of each head that are rotated (`head_dim * partial_rotary_factor`, rounded up to
+            even as transformers does); the rest pass through unchanged.
         inv_freq: fp32 `[rotary_dim // 2]`, the frequencies at the model's original window (for dynamic NTK and
             LongRoPE see `inv_freq_for`).
         attention_scaling: multiplies cos and sin (YaRN / LongRoPE attention temperature; 1.0 otherwise).
@@ -71,17 +73,29 @@ class RopeSpec:
         """Build the spec of a transformers config (5.x `rope_parameters` or 4.x `rope_theta` + `rope_scaling`).
 
         `layer_type` picks one entry of per-layer-type rope parameters (e.g. "sliding_attention" in Gemma 3).
+        Parameters that would give non-finite or silently replaced frequencies (a factor, theta or partial rotary
+        factor that is zero, negative or NaN; a missing required key; too few rotary dims; LongRoPE factor lists
+        of the wrong length; llama3 high_freq_factor <= low_freq_factor) raise a ValueError (TypeError for a
+        non-number) naming the key.
         """
+        if angle not in ANGLE_MODES:
+            raise ValueError(f"angle must be one of {ANGLE_MODES}, got {angle!r}")
+        head_dim, max_pos = _config_sizes(config)
         params = cls._rope_params(config, layer_type)
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"unknown rope type {rope_type!r}; ctxext_kernels supports {', '.join(ROPE_TYPES)}")
-        if angle not in ANGLE_MODES:
-            raise ValueError(f"angle must be one of {ANGLE_MODES}, got {angle!r}")
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        max_pos = int(config.max_position_embeddings)
-        inv_freq, scaling, rotary_dim = _INIT[rope_type](params, head_dim, max_pos, None, device)
-        return cls(rope_type, int(head_dim), rotary_dim, inv_freq, float(scaling), params, max_pos, angle)
+        _check_params(rope_type, params, head_dim)
+        # Computed on the CPU (as transformers' rotary modules do at init) and checked there, then moved: building a
+        # spec never waits on a GPU.
+        inv_freq, scaling = _INIT[rope_type](params, head_dim, max_pos, None, None)
+        # An odd int(head_dim * partial_rotary_factor) has (dim + 1) / 2 frequencies: transformers rotates dim + 1.
+        rotary_dim = 2 * inv_freq.numel()
+        if rotary_dim > head_dim:
+            raise ValueError(f"head_dim={head_dim} is odd and fully rotated: RoPE rotates pairs of dims")
+        if not (np.isfinite(inv_freq.numpy()).all() and math.isfinite(scaling)):
+            raise ValueError(f"the rope parameters {params} give non-finite frequencies or attention scaling")
+        return cls(rope_type, head_dim, rotary_dim, inv_freq.to(device), float(scaling), params, max_pos, angle)
 
     @classmethod
     def from_params(cls, head_dim: int, rope_theta: float = 10000.0, rope_type: str = "default", *,
@@ -104,7 +118,8 @@ class RopeSpec:
                                  "pass layer_type=")
             params = params[layer_type]
         params = dict(params)
-        params.setdefault("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
+        theta = getattr(config, "rope_theta", None)
+        params.setdefault("rope_theta", 10000.0 if theta is None else theta)
         partial = getattr(config, "partial_rotary_factor", None)
         if partial is not None:
             params.setdefault("partial_rotary_factor", partial)
@@ -133,7 +148,7 @@ class RopeSpec:
         """Frequencies for a batch whose largest position + 1 is `seq_len`; `inv_freq` for static rope types."""
         if not self.is_dynamic:
             return self.inv_freq
-        inv_freq, _, _ = _INIT[self.rope_type](self.params, self.head_dim, self.max_position_embeddings, int(seq_len),
+        inv_freq, _ = _INIT[self.rope_type](self.params, self.head_dim, self.max_position_embeddings, int(seq_len),
                                               self.inv_freq.device)
         return inv_freq
 
@@ -145,18 +160,114 @@ class _PlainConfig:
     rope_parameters: dict
 
 
+# ----------------------------------------------------------------------------------------------------- validation
+def _config_sizes(config) -> tuple[int, int]:
+    """(head_dim, max_position_embeddings) of a config, named errors for missing or nonsensical values."""
+    if config is None:
+        raise TypeError("config must be a transformers config (or any object with its attributes), got None")
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is None:
+        hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+        if not (_is_int(hidden) and _is_int(heads) and heads > 0):
+            raise ValueError("config needs head_dim, or hidden_size and num_attention_heads > 0, got "
+                             f"hidden_size={hidden!r}, num_attention_heads={heads!r}")
+        head_dim = hidden // heads
+    max_pos = getattr(config, "max_position_embeddings", None)
+    for key, value in (("head_dim", head_dim), ("max_position_embeddings", max_pos)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"config.{key} must be a positive integer, got {value!r}")
+    return int(head_dim), int(max_pos)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+# Keys each rope type cannot do without (what transformers' validation requires; yarn's factor defaults to
+# max_position_embeddings / original_max_position_embeddings, as transformers computes it).
+_REQUIRED = {"linear": ("factor",), "dynamic": ("factor",), "longrope": ("short_factor", "long_factor"),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
+
+
+def _check_params(rope_type: str, params: Mapping[str, Any], head_dim: int) -> None:
+    """Refuse rope parameters that would give non-finite or silently substituted frequencies, naming the key.
+
+    transformers' own validation (`PreTrainedConfig.validate_rope`) raises only on missing keys and odd fully rotated
+    heads and merely warns about the rest; a config it warns about but can compute (factor < 1, beta_fast <
+    beta_slow) is accepted here too.
+    """
+    def number(key: str, *, low: float, inclusive: bool = False, optional: bool = False) -> float | None:
+        value = params.get(key)
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"rope parameter {key!r} ({rope_type}) must be a number, got {value!r}")
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            bound = ">=" if inclusive else ">"
+            raise ValueError(f"rope parameter {key!r} ({rope_type}) must be a finite number {bound} {low}, got "
+                             f"{value!r}")
+        return float(value)
+
+    for key in _REQUIRED.get(rope_type, ()):
+        if params.get(key) is None:
+            raise ValueError(f"rope_type {rope_type!r} needs the rope parameter {key!r}")
+    number("rope_theta", low=1.0)  # base^(-2i/d) decreases over the dims only for a base > 1
+    partial = number("partial_rotary_factor", low=0.0, inclusive=rope_type == "proportional", optional=True)
+    if partial is not None and partial > 1:
+        raise ValueError(f"rope parameter 'partial_rotary_factor' must be in (0, 1], got {partial}")
+    dim = int(head_dim * (1.0 if partial is None else partial))
+    if rope_type != "proportional" and dim < 2:
+        raise ValueError(f"head_dim={head_dim} * partial_rotary_factor={partial} leaves {dim} rotary dims; RoPE "
+                         "needs at least 2")
+    for key in ("factor", "attention_factor"):
+        number(key, low=0.0, optional=True)
+    if rope_type == "dynamic" and dim == 2:
+        raise ValueError("dynamic NTK scales the base by a power dim / (dim - 2): it needs more than 2 rotary dims")
+    if rope_type in ("yarn", "longrope", "llama3"):
+        original = params.get("original_max_position_embeddings")
+        if not _is_int(original) or original < 1:
+            raise ValueError(f"rope parameter 'original_max_position_embeddings' ({rope_type}) must be a positive "
+                             f"integer, got {original!r}")
+    if rope_type == "yarn":
+        for key in ("beta_fast", "beta_slow"):  # 0 or None mean the defaults 32 and 1, as in transformers
+            number(key, low=0.0, inclusive=True, optional=True)
+        for key in ("mscale", "mscale_all_dim"):
+            number(key, low=-math.inf, optional=True)
+    if rope_type == "llama3":
+        low = number("low_freq_factor", low=0.0)
+        high = number("high_freq_factor", low=0.0)
+        if high <= low:  # the blend divides by high - low
+            raise ValueError(f"rope parameter 'high_freq_factor' ({high}) must exceed 'low_freq_factor' ({low})")
+    if rope_type == "longrope":
+        for key in ("short_factor", "long_factor"):
+            factors = params[key]
+            if not isinstance(factors, (list, tuple)) or len(factors) != (dim + 1) // 2:
+                raise ValueError(f"rope parameter {key!r} (longrope) must be a list of rotary_dim / 2 = "
+                                 f"{(dim + 1) // 2} numbers, got {factors!r}")
+            if not all(isinstance(f, numbers.Real) and math.isfinite(f) and f > 0 for f in factors):
+                raise ValueError(f"rope parameter {key!r} (longrope) must hold finite numbers > 0, got {factors!r}")
+
+
+# -------------------------------------------------------------------------------------------------- init functions
 def _rotary_dim(params, head_dim: int) -> int:
+    """transformers' `dim`: the denominator of the frequency exponents (dim + 1 dims rotate when it is odd)."""
     return int(head_dim * params.get("partial_rotary_factor", 1.0))
+
+
+def _factor_or_window_ratio(params, max_pos: int, original: int) -> float:
+    """An explicit factor (0 is refused by `_check_params`, never replaced), else the window ratio, as transformers."""
+    factor = params.get("factor")
+    return max_pos / original if factor is None else factor
 
 
 def _init_default(params, head_dim, max_pos, seq_len, device):
     dim = _rotary_dim(params, head_dim)
-    return _default_inv_freq(params["rope_theta"], dim, device), 1.0, dim
+    return _default_inv_freq(params["rope_theta"], dim, device), 1.0
 
 
 def _init_linear(params, head_dim, max_pos, seq_len, device):
-    inv_freq, _, dim = _init_default(params, head_dim, max_pos, seq_len, device)
-    return inv_freq / params["factor"], 1.0, dim
+    inv_freq, _ = _init_default(params, head_dim, max_pos, seq_len, device)
+    return inv_freq / params["factor"], 1.0
 
 
 def _init_dynamic(params, head_dim, max_pos, seq_len, device):
@@ -165,7 +276,7 @@ def _init_dynamic(params, head_dim, max_pos, seq_len, device):
     factor = params["factor"]
     seq_len = max_pos if seq_len is None else max(seq_len, max_pos)
     base = params["rope_theta"] * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
-    return _default_inv_freq(base, dim, device), 1.0, dim
+    return _default_inv_freq(base, dim, device), 1.0
 
 
 def _init_yarn(params, head_dim, max_pos, seq_len, device):
@@ -174,7 +285,7 @@ def _init_yarn(params, head_dim, max_pos, seq_len, device):
     dim = _rotary_dim(params, head_dim)
     base = params["rope_theta"]
     original = params["original_max_position_embeddings"]
-    factor = params.get("factor") or max_pos / original
+    factor = _factor_or_window_ratio(params, max_pos, original)
     scaling = params.get("attention_factor")
     if scaling is None:
         scaling = _yarn_attention_factor(factor, params.get("mscale"), params.get("mscale_all_dim"))
@@ -194,27 +305,25 @@ def _init_yarn(params, head_dim, max_pos, seq_len, device):
     keep = 1 - ramp  # 1 where the dimension keeps its original (extrapolated) frequency
     pos_freqs = base ** (torch.arange(0, dim, 2).to(device=device, dtype=torch.float32) / dim)
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
-    return inv_freq, scaling, dim
+    return inv_freq, scaling
 
 
 def _init_longrope(params, head_dim, max_pos, seq_len, device):
     # Per-dimension rescale factors searched offline; the long set applies once the batch exceeds the original window.
     dim = _rotary_dim(params, head_dim)
     original = params["original_max_position_embeddings"]
-    factor = params.get("factor") or max_pos / original
+    factor = _factor_or_window_ratio(params, max_pos, original)
     scaling = params.get("attention_factor")
     if scaling is None:
         scaling = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
     key = "long_factor" if seq_len is not None and seq_len > original else "short_factor"
-    if len(params[key]) != dim // 2:
-        raise ValueError(f"longrope {key} has {len(params[key])} entries, expected rotary_dim / 2 = {dim // 2}")
     ext = torch.tensor(params[key], dtype=torch.float32, device=device)
-    return 1.0 / (ext * params["rope_theta"] ** _exponents(dim, dim, device)), scaling, dim
+    return 1.0 / (ext * params["rope_theta"] ** _exponents(dim, dim, device)), scaling
 
 
 def _init_llama3(params, head_dim, max_pos, seq_len, device):
     # Llama 3.1: low frequencies divided by `factor`, high ones kept, a smooth blend between two wavelengths.
-    inv_freq, _, dim = _init_default(params, head_dim, max_pos, seq_len, device)
+    inv_freq, _ = _init_default(params, head_dim, max_pos, seq_len, device)
     factor = params["factor"]
     low_ff, high_ff = params["low_freq_factor"], params["high_freq_factor"]
     old_len = params["original_max_position_embeddings"]
@@ -223,7 +332,7 @@ def _init_llama3(params, head_dim, max_pos, seq_len, device):
     smooth = (old_len / wavelen - low_ff) / (high_ff - low_ff)
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < old_len / high_ff) * ~(wavelen > old_len / low_ff)
-    return torch.where(medium, smoothed, scaled), 1.0, dim
+    return torch.where(medium, smoothed, scaled), 1.0
 
 
 def _init_proportional(params, head_dim, max_pos, seq_len, device):
@@ -232,7 +341,8 @@ def _init_proportional(params, head_dim, max_pos, seq_len, device):
     rotated_pairs = int(params.get("partial_rotary_factor", 1.0) * head_dim // 2)
     inv_freq = 1.0 / (params["rope_theta"] ** _exponents(2 * rotated_pairs, head_dim, device))
     zeros = torch.zeros(head_dim // 2 - rotated_pairs, dtype=torch.float32, device=device)
-    return torch.cat((inv_freq, zeros)) / params.get("factor", 1.0), 1.0, head_dim
+    factor = params.get("factor")
+    return torch.cat((inv_freq, zeros)) / (1.0 if factor is None else factor), 1.0
 
 
 _INIT = {

@@ -2,6 +2,14 @@
 
 Same constants, same operation order as the C++ header (see its comments for the error analysis), so the Triton and
 CUDA kernels agree to the last bit on the angle.
+
+`FAST` (compiled GPU kernels) evaluates cos/sin with the hardware approximations `cos.approx.f32`/`sin.approx.f32`
+(MUFU, one instruction each) instead of libdevice's precise `__nv_cosf`/`__nv_sinf` (a Payne-Hanek branch and a stack
+frame per element). That is safe only because the angle is already reduced exactly: CUDA documents the intrinsics'
+absolute error on [-pi, pi] as 2^-21.41 (sin) and 2^-21.19 (cos), ~4.2e-7, so with the reduction's own ~1.2e-7 the
+cos/sin stay within 1e-6 of float64. FAST folds the angle once more onto [-pi, pi] first (the first reduction's k
+may be off by one turn for large angles, leaving up to ~pi + 1). The CPU interpreter cannot run inline PTX: there
+FAST is off and numpy's precise cos/sin run (tests/test_triton_math.py checks the folded range and the error bound).
 """
 
 import triton
@@ -16,8 +24,10 @@ INV_TWO_PI = tl.constexpr(0.159154936671257019043)
 
 
 @triton.jit
-def reduced_angle(pos, inv_freq, EXACT: tl.constexpr):
-    """pos * inv_freq reduced to about [-pi, pi]; pos: integer tensor < 2^24, inv_freq: fp32 (broadcastable)."""
+def reduced_angle(pos, inv_freq, EXACT: tl.constexpr, FOLD: tl.constexpr = False):
+    """pos * inv_freq reduced to about [-pi, pi]; pos: integer tensor < 2^24, inv_freq: fp32 (broadcastable).
+
+    FOLD: one more exact turn off, so the result lies in [-pi, pi] up to rounding (the range of the fast cos/sin)."""
     x = pos.to(tl.float32)  # exact below 2^24
     hi = x * inv_freq
     if EXACT:
@@ -28,17 +38,37 @@ def reduced_angle(pos, inv_freq, EXACT: tl.constexpr):
     head = tl.fma(-k, TWO_PI_HI, hi)  # exact
     tail = tl.fma(-k, TWO_PI_MID, lo)
     tail = tl.fma(-k, TWO_PI_LO, tail)
+    if FOLD:
+        # |head + tail| < pi + 1.1, so k is -1, 0 or 1; head - k * TWO_PI_HI is exact (Sterbenz), the tail's new
+        # rounding is below 2^-40 and the one rounding of head + tail stays the only one that matters (~1.2e-7).
+        k = tl.floor(tl.fma(head + tail, INV_TWO_PI, 0.5))
+        head = tl.fma(-k, TWO_PI_HI, head)
+        tail = tl.fma(-k, TWO_PI_MID, tail)
     return head + tail
 
 
 @triton.jit
-def rope_cos_sin(pos, inv_freq, scaling, EXACT: tl.constexpr, CONJUGATE: tl.constexpr):
-    """(cos, sin) * scaling of the reduced angle; CONJUGATE negates the angle (backward)."""
-    angle = reduced_angle(pos, inv_freq, EXACT)
-    # On the reduced angle even an approximate cos/sin would stay within ~5e-7 absolute; Triton lowers these to
-    # libdevice's precise __nv_cosf/__nv_sinf on NVIDIA, and the interpreter to numpy.
-    cos = tl.cos(angle) * scaling
-    sin = tl.sin(angle) * scaling
+def _fast_cos(x):
+    return tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _fast_sin(x):
+    return tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def rope_cos_sin(pos, inv_freq, scaling, EXACT: tl.constexpr, CONJUGATE: tl.constexpr, FAST: tl.constexpr = False,
+                 SCALED: tl.constexpr = True):
+    """(cos, sin) * scaling of the reduced angle; CONJUGATE negates the angle (backward); FAST: hardware cos/sin;
+    SCALED=False: scaling is 1 (skips two multiplies per element)."""
+    angle = reduced_angle(pos, inv_freq, EXACT, FAST)
+    if FAST:
+        cos, sin = _fast_cos(angle), _fast_sin(angle)
+    else:
+        cos, sin = tl.cos(angle), tl.sin(angle)
+    if SCALED:
+        cos, sin = cos * scaling, sin * scaling
     if CONJUGATE:
         sin = -sin
     return cos, sin

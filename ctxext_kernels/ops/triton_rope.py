@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_configs
 from .triton_math import rope_cos_sin, rotate_pair
 
 
@@ -51,14 +52,14 @@ def rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, inv_freq_ptr, scaling,
                 n_tokens, seqlen, n_q_heads, n_k_heads,
                 HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, PAIRS: tl.constexpr, TAIL: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr,
-                EXACT: tl.constexpr, COPY_TAIL: tl.constexpr):
+                EXACT: tl.constexpr, FAST: tl.constexpr, COPY_TAIL: tl.constexpr):
     token = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_mask = token < n_tokens
     batch, seq = token // seqlen, token % seqlen
     pos = tl.load(pos_ptr + batch * spb + seq * sps, mask=tok_mask, other=0)
     pair = tl.arange(0, PAIRS)
     inv_freq = tl.load(inv_freq_ptr + pair, mask=pair < ROTARY_DIM // 2, other=0.0)
-    cos, sin = rope_cos_sin(pos[:, None], inv_freq[None, :], scaling, EXACT, CONJUGATE)
+    cos, sin = rope_cos_sin(pos[:, None], inv_freq[None, :], scaling, EXACT, CONJUGATE, FAST)
     cos, sin = cos[:, None, :], sin[:, None, :]
     batch, seq, tok_mask = batch[:, None, None], seq[:, None, None], tok_mask[:, None, None]
     _rotate_heads(q_ptr, qo_ptr, sqb, sqs, sqh, sqob, sqos, sqoh, n_q_heads, batch, seq, tok_mask, cos, sin,
@@ -77,18 +78,19 @@ def rope_forward(q, k, q_out, k_out, positions, inv_freq, scaling: float, interl
     k, k_out = (q, q_out) if k is None else (k, k_out)  # dummies, never read when n_k_heads == 0
     rotary_dim = 2 * inv_freq.numel()
     pairs = triton.next_power_of_2(rotary_dim // 2)
-    # ~4K pairs per tile iteration: enough bytes in flight per program, few enough registers to keep occupancy.
-    block_h = max(1, min(triton.next_power_of_2(max(n_q_heads, n_k_heads)), 1024 // pairs))
-    block_t = max(1, min(16, 4096 // (pairs * block_h)))
+    config = triton_configs.rope_config(pairs, max(n_q_heads, n_k_heads))
     n_tokens = batch * seqlen
-    grid = (triton.cdiv(n_tokens, block_t),)
-    rope_kernel[grid](
-        q, k, q_out, k_out, positions, inv_freq, float(scaling),
-        *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3], *positions.stride(),
-        n_tokens, seqlen, n_q_heads, n_k_heads,
-        HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, PAIRS=pairs,
-        TAIL=triton.next_power_of_2(max(head_dim - rotary_dim, 1)), BLOCK_T=block_t, BLOCK_H=block_h,
-        INTERLEAVED=interleaved, CONJUGATE=conjugate, EXACT=exact,
-        COPY_TAIL=rotary_dim < head_dim and q_out.data_ptr() != q.data_ptr(),
-        num_warps=4,
-    )
+    if n_tokens == 0:
+        return
+    with triton_configs.device_guard(q):
+        rope_kernel[(triton.cdiv(n_tokens, config.block_m),)](
+            q, k, q_out, k_out, positions, inv_freq, float(scaling),
+            *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3], *positions.stride(),
+            n_tokens, seqlen, n_q_heads, n_k_heads,
+            HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim, PAIRS=pairs,
+            TAIL=triton.next_power_of_2(max(head_dim - rotary_dim, 1)), BLOCK_T=config.block_m, BLOCK_H=config.block_n,
+            INTERLEAVED=interleaved, CONJUGATE=conjugate, EXACT=exact,
+            FAST=q.device.type != "cpu",  # hardware cos/sin: compiled GPU code only (the interpreter has no PTX)
+            COPY_TAIL=rotary_dim < head_dim and q_out.data_ptr() != q.data_ptr(),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )

@@ -7,6 +7,7 @@ document per line, field "text"), .parquet (column "text", needs pyarrow) and a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterator
@@ -41,28 +42,65 @@ def read_texts(path: str | Path, field: str = "text") -> Iterator[str]:
     elif not path.exists():
         raise FileNotFoundError(f"training data {path} does not exist")
     elif path.suffix == ".jsonl":
-        with path.open() as lines:
-            for number, line in enumerate(lines, 1):
-                if line.strip():
-                    record = json.loads(line)
-                    if field not in record:
-                        raise KeyError(f"{path}:{number} has no field {field!r} (fields: {sorted(record)})")
-                    yield record[field]
+        yield from _read_jsonl(path, field)
     elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        yield from pq.read_table(path, columns=[field]).column(field).to_pylist()
+        yield from _read_parquet(path, field)
     else:
         yield path.read_text(errors="replace")
 
 
-def _read_saved_dataset(path: Path, field: str) -> Iterator[str]:
-    import datasets
+def _read_jsonl(path: Path, field: str) -> Iterator[str]:
+    with path.open() as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(record, dict) or field not in record:
+                fields = f"fields: {sorted(record)}" if isinstance(record, dict) else f"a {type(record).__name__}"
+                raise ValueError(f"{path}:{number}: no field {field!r} ({fields})")
+            yield _text(record[field], f"{path}:{number}")
 
+
+def _read_parquet(path: Path, field: str) -> Iterator[str]:
+    pq = _optional_import("pyarrow.parquet", "pyarrow", ".parquet files")
+    try:
+        columns = pq.read_schema(path).names
+    except Exception as exc:  # noqa: BLE001 - pyarrow's errors (ArrowInvalid, OSError) all mean "not parquet"
+        raise ValueError(f"{path} is not a readable parquet file ({exc})") from exc
+    if field not in columns:
+        raise ValueError(f"{path} has no column {field!r} (columns: {columns})")
+    for row, value in enumerate(pq.read_table(path, columns=[field]).column(field).to_pylist()):
+        yield _text(value, f"{path} row {row}")
+
+
+def _read_saved_dataset(path: Path, field: str) -> Iterator[str]:
+    datasets = _optional_import("datasets", "datasets", "`datasets` folders")
     data = datasets.load_from_disk(str(path))
     if isinstance(data, datasets.DatasetDict):
         data = data["train"] if "train" in data else next(iter(data.values()))
-    yield from data[field]
+    if field not in data.column_names:
+        raise ValueError(f"dataset {path} has no column {field!r} (columns: {data.column_names})")
+    for row, value in enumerate(data[field]):
+        yield _text(value, f"{path} row {row}")
+
+
+def _text(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: the text field holds a {type(value).__name__}, not a string")
+    return value
+
+
+def _optional_import(module: str, package: str, what: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"reading {what} needs the {package} package: pip install {package} (or "
+                          "ctxext_kernels[pose])") from None
 
 
 def tokenize_documents(texts, tokenizer, min_tokens: int, max_documents: int | None = None,
@@ -88,6 +126,16 @@ def tokenize_documents(texts, tokenizer, min_tokens: int, max_documents: int | N
     if not documents:
         raise ValueError(f"no document has the {min_tokens} tokens one sample needs ({skipped} shorter ones skipped)")
     return documents, skipped
+
+
+def fingerprint(documents: list[torch.Tensor]) -> str:
+    """SHA-256 of the token stream: every document's length and token ids, in order. Equal fingerprints mean the
+    same training data (same texts, same tokenizer, same selection)."""
+    digest = hashlib.sha256()
+    for document in documents:
+        digest.update(np.int64(document.numel()).tobytes())
+        digest.update(document.to(torch.int64).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class DocumentStream:

@@ -5,8 +5,9 @@ depth inside repeated filler text; the answer is greedy decoding, correct when i
 ppl: sliding-window perplexity (stride S) over long documents: every evaluated length scores the same tokens (each
 document cut to the longest length), so the numbers compare across lengths.
 
-Both write `<task>.json` (results + settings), `<task>.md` and `<task>.png` into --output. A .gguf or folder model,
-with `--rope-type/--rope-factor` to try training-free RoPE scaling on it.
+Both write `<task>.json` (results + settings) and `<task>.md` into --output after every length (a failure at a later
+length keeps the earlier results), and `<task>.png` at the end when matplotlib is installed. Every argument is checked
+before the model loads. A .gguf or folder model, with `--rope-type/--rope-factor` to try training-free RoPE scaling.
 
 Example::
 
@@ -16,17 +17,23 @@ Example::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import re
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .data import python_docs_path, read_texts, tokenize_documents
-from .modeling import ROPE_TYPES, load_model, select_rope
+from .cli import (EXTRA_HINT, atomic_write_text, check_output_folder, disk_space_errors, fraction_list, length_list,
+                  non_negative_int, output_lock, positive_int, rope_factor, run_cli, settings_record, warn)
+from .modeling import ROPE_TYPES, load_model, select_rope, split_model_path
+
+PROG = "ctxext-eval"
 
 TASK_DESCRIPTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                     "I will quiz you about the important information there.")
@@ -88,21 +95,26 @@ def passkey_accuracy(model, tokenizer, lengths, trials: int, depths=DEFAULT_DEPT
                      progress: bool = True) -> list[dict]:
     """Accuracy per length: `trials` prompts per length, keys random, depths cycling through `depths`."""
     generator = torch.Generator().manual_seed(seed)
-    results = []
-    for length in lengths:
-        hits, per_depth = 0, {}
-        for trial in tqdm(range(trials), desc=f"passkey {length}", disable=not progress, leave=False):
-            key = int(torch.randint(10000, 100000, (1,), generator=generator))
-            depth = depths[trial % len(depths)]
-            prompt, _ = passkey_prompt(tokenizer, key, length, depth)
-            answer = tokenizer.decode(greedy_answer(model, prompt), skip_special_tokens=True)
-            number = re.search(r"\d+", answer)
-            correct = number is not None and number.group() == str(key)
-            hits += correct
-            per_depth.setdefault(str(depth), []).append(int(correct))
-        results.append({"length": length, "accuracy": hits / trials, "trials": trials,
-                        "accuracy_by_depth": {d: sum(v) / len(v) for d, v in per_depth.items()}})
-    return results
+    return [passkey_at_length(model, tokenizer, length, trials, depths, generator, progress) for length in lengths]
+
+
+def passkey_at_length(model, tokenizer, length: int, trials: int, depths, generator: torch.Generator,
+                      progress: bool = True) -> dict:
+    """Accuracy of `trials` prompts of `length` tokens (keys drawn from `generator`, depths cycling)."""
+    if trials < 1:
+        raise ValueError(f"trials must be >= 1, got {trials}")
+    hits, per_depth = 0, {}
+    for trial in tqdm(range(trials), desc=f"passkey {length}", disable=not progress, leave=False):
+        key = int(torch.randint(10000, 100000, (1,), generator=generator))
+        depth = depths[trial % len(depths)]
+        prompt, _ = passkey_prompt(tokenizer, key, length, depth)
+        answer = tokenizer.decode(greedy_answer(model, prompt), skip_special_tokens=True)
+        number = re.search(r"\d+", answer)
+        correct = number is not None and number.group() == str(key)
+        hits += correct
+        per_depth.setdefault(str(depth), []).append(int(correct))
+    return {"length": length, "accuracy": hits / trials, "trials": trials,
+            "accuracy_by_depth": {d: sum(v) / len(v) for d, v in per_depth.items()}}
 
 
 @torch.no_grad()
@@ -140,33 +152,43 @@ def sliding_window_nll(model, tokens: torch.Tensor, window: int, stride: int) ->
 
 def perplexity_by_length(model, documents, lengths, stride: int, progress: bool = True) -> list[dict]:
     """Perplexity per window length over the same tokens: every document cut to `max(lengths)` tokens."""
-    longest = max(lengths)
-    results = []
-    for length in lengths:
-        total, count = 0.0, 0
-        for document in tqdm(documents, desc=f"ppl {length}", disable=not progress, leave=False):
-            nll, n = sliding_window_nll(model, document[:longest], length, min(stride, length))
-            total, count = total + nll, count + n
-        results.append({"length": length, "perplexity": math.exp(total / count), "nll": total / count,
-                        "scored_tokens": count, "documents": len(documents)})
-    return results
+    documents = [document[:max(lengths)] for document in documents]
+    return [perplexity_at_length(model, documents, length, stride, progress) for length in lengths]
 
 
-def write_report(output: Path, task: str, results: list[dict], settings: dict) -> Path:
-    """`<task>.json`, `<task>.md` and `<task>.png` (metric against length) in `output`."""
+def perplexity_at_length(model, documents, length: int, stride: int, progress: bool = True) -> dict:
+    """Sliding-window perplexity with windows of `length` tokens (stride `min(stride, length)`) over `documents`."""
+    total, count = 0.0, 0
+    for document in tqdm(documents, desc=f"ppl {length}", disable=not progress, leave=False):
+        nll, n = sliding_window_nll(model, document, length, min(stride, length))
+        total, count = total + nll, count + n
+    if count == 0:
+        raise ValueError(f"no token was scored at length {length}: the documents need at least 2 tokens")
+    return {"length": length, "perplexity": math.exp(total / count), "nll": total / count, "scored_tokens": count,
+            "documents": len(documents)}
+
+
+def write_results(output: Path, task: str, results: list[dict], settings: dict, lengths: list[int]) -> None:
+    """`<task>.json` and `<task>.md` in `output`, each replaced whole: the results of the lengths done so far."""
+    metric = "accuracy" if task == "passkey" else "perplexity"
+    complete = len(results) == len(lengths)
+    atomic_write_text(output / f"{task}.json", json.dumps(
+        {"task": task, "complete": complete, "settings": settings, "results": results}, indent=1))
+    rows = [f"| {r['length']} | {r[metric]:.4g} |" for r in results]
+    status = [] if complete else ["", f"Incomplete: {len(results)} of {len(lengths)} lengths evaluated."]
+    atomic_write_text(output / f"{task}.md", "\n".join([
+        f"# {task}: {settings.get('model')}", "", f"Settings: {json.dumps(settings)}", *status, "",
+        f"| length | {metric} |", "|---|---|", *rows]) + "\n")
+
+
+def write_plot(output: Path, task: str, results: list[dict], settings: dict) -> None:
+    """`<task>.png`: the metric against the length (needs matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metric = "accuracy" if task == "passkey" else "perplexity"
-    output.mkdir(parents=True, exist_ok=True)
-    (output / f"{task}.json").write_text(json.dumps({"task": task, "settings": settings, "results": results},
-                                                    indent=1))
-    rows = [f"| {r['length']} | {r[metric]:.4g} |" for r in results]
-    (output / f"{task}.md").write_text("\n".join([f"# {task}: {settings.get('model')}", "",
-                                                  f"Settings: {json.dumps(settings)}", "", f"| length | {metric} |",
-                                                  "|---|---|", *rows]) + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["length"] for r in results], [r[metric] for r in results], marker="o")
     ax.set_xscale("log", base=2)
@@ -175,9 +197,11 @@ def write_report(output: Path, task: str, results: list[dict], settings: dict) -
     ax.set_title(f"{task} — {Path(str(settings.get('model'))).name}")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(output / f"{task}.png", dpi=110)
-    plt.close(fig)
-    return output
+    try:
+        with disk_space_errors(output):
+            fig.savefig(output / f"{task}.png", dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def load_eval_documents(data, tokenizer, min_tokens: int, count: int) -> list[torch.Tensor]:
@@ -188,47 +212,71 @@ def load_eval_documents(data, tokenizer, min_tokens: int, count: int) -> list[to
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ctxext-eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("task", choices=("passkey", "ppl"))
     p.add_argument("--model", required=True, help="transformers model folder or .gguf file")
-    p.add_argument("--lengths", required=True, help="comma-separated context lengths, e.g. 2048,4096,8192")
+    p.add_argument("--lengths", required=True, type=length_list,
+                   help="comma-separated context lengths, e.g. 2048,4096,8192")
     p.add_argument("--output", type=Path, required=True, help="folder for the JSON, markdown and PNG")
-    p.add_argument("--trials", type=int, default=10, help="passkey prompts per length")
-    p.add_argument("--depths", default=",".join(map(str, DEFAULT_DEPTHS)), help="passkey depths in [0, 1]")
+    p.add_argument("--trials", type=positive_int, default=10, help="passkey prompts per length")
+    p.add_argument("--depths", type=fraction_list, default=DEFAULT_DEPTHS, help="passkey depths in [0, 1]")
     p.add_argument("--data", default=None, help="ppl documents (default: the Python 3.11 docs)")
-    p.add_argument("--documents", type=int, default=4, help="ppl: documents to evaluate")
-    p.add_argument("--stride", type=int, default=256, help="ppl: sliding-window stride")
+    p.add_argument("--documents", type=positive_int, default=4, help="ppl: documents to evaluate")
+    p.add_argument("--stride", type=positive_int, default=256, help="ppl: sliding-window stride")
     p.add_argument("--rope-type", choices=ROPE_TYPES, default=None, help="training-free RoPE scaling to apply")
-    p.add_argument("--rope-factor", type=float, default=None)
-    p.add_argument("--trained-window", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rope-factor", type=rope_factor, default=None)
+    p.add_argument("--trained-window", type=positive_int, default=None)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--no-kernels", action="store_true", help="keep stock transformers RoPE")
+    p.add_argument("--debug", action="store_true", help="on an error, show the traceback")
     return p
+
+
+def evaluate(args) -> Path:
+    """Run `ctxext-eval` for parsed `args`: check everything, then write the results after every length."""
+    check_output_folder(args.output)
+    split_model_path(args.model)
+    data = None if args.task == "passkey" else args.data or python_docs_path()
+    if data is not None and not Path(data).exists():
+        raise FileNotFoundError(f"--data {data} does not exist")
+    plot = importlib.util.find_spec("matplotlib") is not None
+    if not plot:
+        warn(PROG, f"matplotlib is not installed: no {args.task}.png ({EXTRA_HINT})")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with output_lock(args.output, PROG):
+        model, tokenizer = load_model(args.model, rope_type=args.rope_type, target_length=max(args.lengths),
+                                      rope_factor=args.rope_factor, trained_window=args.trained_window, dtype=dtype,
+                                      device=device)
+        model.eval()
+        kernels = select_rope(model, kernels=not args.no_kernels)
+        if args.task == "passkey":
+            for length in args.lengths:  # a too-short length fails here, before any prompt is evaluated
+                passkey_prompt(tokenizer, 10000, length, 0.0)
+            generator = torch.Generator().manual_seed(args.seed)
+            measure = partial(passkey_at_length, model, tokenizer, trials=args.trials, depths=args.depths,
+                              generator=generator)
+        else:
+            documents = [d[:max(args.lengths)] for d in load_eval_documents(data, tokenizer, max(args.lengths),
+                                                                            args.documents)]
+            if len(documents) < args.documents:
+                warn(PROG, f"only {len(documents)} of --documents {args.documents} have {max(args.lengths)} tokens")
+            measure = partial(perplexity_at_length, model, documents, stride=args.stride)
+        settings = {**settings_record(args), "device": device, "dtype": str(dtype), "rope": kernels}
+        results = []
+        for length in args.lengths:
+            results.append(measure(length))
+            write_results(args.output, args.task, results, settings, args.lengths)
+            print(json.dumps(results[-1]), flush=True)
+        if plot:
+            write_plot(args.output, args.task, results, settings)
+    print(f"[{PROG}] wrote {args.output}/{args.task}.json|md{'|png' if plot else ''}", file=sys.stderr)
+    return args.output
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    lengths = [int(x) for x in args.lengths.split(",")]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model, tokenizer = load_model(args.model, rope_type=args.rope_type, target_length=max(lengths),
-                                  rope_factor=args.rope_factor, trained_window=args.trained_window, dtype=dtype,
-                                  device=device)
-    model.eval()
-    kernels = select_rope(model, kernels=not args.no_kernels)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    settings.update(device=device, dtype=str(dtype), rope=kernels)
-    if args.task == "passkey":
-        depths = tuple(float(d) for d in args.depths.split(","))
-        results = passkey_accuracy(model, tokenizer, lengths, args.trials, depths, args.seed)
-    else:
-        documents = load_eval_documents(args.data, tokenizer, max(lengths), args.documents)
-        results = perplexity_by_length(model, documents, lengths, args.stride)
-    write_report(args.output, args.task, results, settings)
-    for r in results:
-        print(json.dumps(r))
-    print(f"[ctxext-eval] wrote {args.output}/{args.task}.json|md|png", file=sys.stderr)
+    run_cli(PROG, lambda: evaluate(args), args.debug)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import math
 from pathlib import Path
 
 import torch
@@ -15,8 +18,24 @@ def split_model_path(path: str | Path) -> tuple[str, dict]:
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist (pass a transformers model folder or a .gguf file)")
     if path.suffix == ".gguf":
+        if importlib.util.find_spec("gguf") is None:
+            raise ImportError(f"loading {path} needs the gguf package: pip install gguf (or ctxext_kernels[pose])")
         return str(path.parent), {"gguf_file": path.name}
+    if path.is_file():
+        raise ValueError(f"model {path} is a file but not a .gguf file: pass a transformers model folder or a .gguf "
+                         "file")
     return str(path), {}
+
+
+def gguf_problem(path: Path) -> str | None:
+    """Why the gguf package cannot read `path` (a truncated or corrupt file), or None when it can."""
+    import gguf
+
+    try:
+        gguf.GGUFReader(path)
+    except Exception as exc:  # noqa: BLE001 - every parse failure means the file is not a readable GGUF
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def rope_base_parameters(config) -> dict:
@@ -46,9 +65,12 @@ def extended_rope_parameters(config, rope_type: str, target_length: int, factor:
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"rope_type must be one of {ROPE_TYPES}, got {rope_type!r}")
     base = rope_base_parameters(config)
-    trained_window = trained_window or base.get("original_max_position_embeddings") or config.max_position_embeddings
+    if trained_window is None:
+        trained_window = base.get("original_max_position_embeddings") or config.max_position_embeddings
+    if trained_window < 1:
+        raise ValueError(f"trained window must be >= 1 token, got {trained_window}")
     factor = factor if factor is not None else target_length / trained_window
-    if factor < 1:
+    if not math.isfinite(factor) or factor < 1:
         raise ValueError(f"rope factor {factor:g} < 1: the target length {target_length} is inside the trained window "
                          f"{trained_window}; pass a larger target, or --trained-window / --rope-factor explicitly")
     parameters = {"rope_type": rope_type, "rope_theta": base["rope_theta"], "factor": float(factor)}
@@ -81,24 +103,39 @@ def load_model(path: str | Path, *, rope_type: str | None = None, target_length:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, kwargs = split_model_path(path)
-    config = AutoConfig.from_pretrained(folder, **kwargs)
-    rope_base_parameters(config)
-    if rope_type is not None:
-        if target_length is None:
-            raise ValueError("rope_type needs target_length")
-        set_rope_parameters(config, extended_rope_parameters(config, rope_type, target_length, rope_factor,
-                                                             trained_window), target_length)
-    if "gguf_file" in kwargs:
-        from transformers import GgufConfig
+    with gguf_errors_named(Path(path), "gguf_file" in kwargs):
+        config = AutoConfig.from_pretrained(folder, **kwargs)
+        rope_base_parameters(config)
+        if rope_type is not None:
+            if target_length is None:
+                raise ValueError("rope_type needs target_length")
+            set_rope_parameters(config, extended_rope_parameters(config, rope_type, target_length, rope_factor,
+                                                                 trained_window), target_length)
+        if "gguf_file" in kwargs:
+            from transformers import GgufConfig
 
-        # training needs plain dense weights (GGUF blocks are not trainable); unpacking them also makes the model
-        # savable as an ordinary transformers folder
-        kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, **kwargs).to(device)
-    if "gguf_file" in kwargs:
-        detach_gguf_quantizer(model)
-    tokenizer = AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+            # training needs plain dense weights (GGUF blocks are not trainable); unpacking them also makes the model
+            # savable as an ordinary transformers folder
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, **kwargs).to(device)
+        if "gguf_file" in kwargs:
+            detach_gguf_quantizer(model)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def gguf_errors_named(path: Path, is_gguf: bool):
+    """transformers reports a truncated GGUF file as a numpy reshape error: when loading fails and the gguf package
+    cannot read the file either, say that the file is truncated or corrupt."""
+    try:
+        yield
+    except Exception as exc:
+        problem = gguf_problem(path) if is_gguf else None
+        if problem is None:
+            raise
+        raise ValueError(f"model {path} is not a readable GGUF file, truncated or corrupt ({path.stat().st_size} "
+                         f"bytes; {problem})") from exc
 
 
 def detach_gguf_quantizer(model) -> None:

@@ -2,9 +2,16 @@
 
 A thin loop on plain PyTorch + transformers: AdamW, linear warm-up then constant learning rate (the paper's recipe:
 lr 2e-5, 10 warm-up steps, global batch 64, 1000 steps), gradient accumulation, bf16 autocast on GPU, optional gradient
-checkpointing, DDP or FSDP2 (`fully_shard`) under torchrun. Checkpoints hold everything a resumed run needs to continue
-bit-for-bit (model, optimizer, scheduler, sampler RNG, data position, torch RNG) and are written to a temporary folder
-that is renamed into place only when complete. The result is a transformers model folder with the new RoPE scaling.
+checkpointing, DDP or FSDP2 (`fully_shard`) under torchrun. The result is a transformers model folder with the new RoPE
+scaling.
+
+Reliability: every setting is checked before the model loads; one run at a time owns --output (OUTPUT/.lock).
+Checkpoints (see `checkpoint.py`) hold everything a resumed run needs to continue bit for bit, carry SHA-256 sums and
+are renamed into place only when complete; resuming refuses changed settings that decide the result (naming them) and
+other training data (by the token stream's SHA-256), and falls back to the previous checkpoint when the newest is
+corrupt. A non-finite loss or gradient stops the run before the optimizer step. The final model is written into a
+temporary folder and moved into OUTPUT, pose_training.json last; a full disk is reported as "no space left on <path>"
+and leaves no partial files behind.
 
 Example::
 
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import resource
 import shutil
@@ -26,20 +34,30 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import DocumentStream, python_docs_path, read_texts, tokenize_documents
-from .modeling import ROPE_TYPES, load_model, select_rope
+from .checkpoint import (Checkpoint, CheckpointError, checkpoint_folders, newest_checkpoint, save_checkpoint,
+                         verify_checkpoint)
+from .cli import (TEMPORARY_PREFIX, atomic_write_text, check_output_folder, context_length, disk_space_errors,
+                  fsync_folder, non_negative_float, non_negative_int, output_lock, positive_float, positive_int,
+                  rope_factor, run_cli, settings_record, warn)
+from .data import DocumentStream, fingerprint, python_docs_path, read_texts, tokenize_documents
+from .modeling import ROPE_TYPES, load_model, select_rope, split_model_path
 from .sampler import CONTENT_STRATEGIES, METHODS, PoseCollator, PoseSampler
 
-CHECKPOINT_FILE = "state.pt"
-# settings that change which samples a step sees: a resumed run must keep them to continue the same run
+PROG = "ctxext-train"
+# settings that decide what a step computes: a resumed run must keep them (it is refused otherwise, naming them);
+# every other setting may change on resume and each stretch of the run is recorded with its own settings
 RESUME_MUST_MATCH = ("method", "original_window", "target_length", "num_chunks", "content", "rope_type",
-                     "rope_factor", "global_batch", "micro_batch", "seed", "max_documents")
-CHECKPOINT_PREFIX = "step-"
+                     "rope_factor", "trained_window", "lr", "warmup_steps", "weight_decay", "max_grad_norm",
+                     "global_batch", "micro_batch", "seed", "lora_rank", "lora_alpha")
+# config entries that name a file or a run-time switch rather than the model
+VOLATILE_CONFIG_KEYS = ("transformers_version", "use_cache", "dtype", "torch_dtype", "output_attentions",
+                        "output_hidden_states", "return_dict")
+RECORD_FILE = "pose_training.json"  # written last into OUTPUT: present only when the whole model is
+LORA_OUTPUTS = ("merged", "adapter")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ctxext-train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="transformers model folder or .gguf file")
     p.add_argument("--data", default=None,
                    help="training text: .txt/.jsonl/.parquet file, a folder of text files or a datasets folder "
@@ -47,35 +65,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, type=Path, help="output model folder (checkpoints/ and metrics.jsonl "
                                                                "go inside)")
     p.add_argument("--method", choices=METHODS, default="pose")
-    p.add_argument("--original-window", type=int, required=True, help="Lc: training sequence length")
-    p.add_argument("--target-length", type=int, required=True, help="Lt: context length to extend to")
-    p.add_argument("--num-chunks", type=int, default=2)
+    p.add_argument("--original-window", type=positive_int, required=True, help="Lc: training sequence length")
+    p.add_argument("--target-length", type=context_length, required=True,
+                   help="Lt: context length to extend to (at most 2^24)")
+    p.add_argument("--num-chunks", type=positive_int, default=2)
     p.add_argument("--content", choices=CONTENT_STRATEGIES, default="random")
     p.add_argument("--rope-type", choices=ROPE_TYPES, default="linear")
-    p.add_argument("--rope-factor", type=float, default=None,
-                   help="RoPE scale factor (default: target length / the model's trained window)")
-    p.add_argument("--trained-window", type=int, default=None,
+    p.add_argument("--rope-factor", type=rope_factor, default=None,
+                   help="RoPE scale factor >= 1 (default: target length / the model's trained window)")
+    p.add_argument("--trained-window", type=positive_int, default=None,
                    help="the context the model was trained on (default: its max_position_embeddings)")
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--warmup-steps", type=int, default=10)
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-    p.add_argument("--global-batch", type=int, default=64, help="samples per optimizer step (all ranks)")
-    p.add_argument("--micro-batch", type=int, default=1, help="samples per forward pass and rank")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--lr", type=positive_float, default=2e-5)
+    p.add_argument("--warmup-steps", type=non_negative_int, default=10)
+    p.add_argument("--steps", type=positive_int, default=1000, help="optimizer steps")
+    p.add_argument("--global-batch", type=positive_int, default=64, help="samples per optimizer step (all ranks)")
+    p.add_argument("--micro-batch", type=positive_int, default=1, help="samples per forward pass and rank")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.0)
+    p.add_argument("--max-grad-norm", type=positive_float, default=1.0)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="compute dtype: auto = bf16 autocast on GPU, fp32 on CPU (weights stay fp32)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (0: none)")
-    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--lora-rank", type=non_negative_int, default=0,
+                   help="train PEFT LoRA adapters of this rank on every linear layer but the LM head, base weights "
+                        "frozen (0: train every weight)")
+    p.add_argument("--lora-alpha", type=positive_float, default=None, help="LoRA alpha (default: 2 x rank)")
+    p.add_argument("--lora-output", choices=LORA_OUTPUTS, default="merged",
+                   help="merged: a plain transformers model, the adapters folded into its weights; adapter: the PEFT "
+                        "adapter and the extended config.json (load the base model with that config, then the "
+                        "adapter)")
+    p.add_argument("--checkpoint-every", type=non_negative_int, default=100, help="steps between checkpoints (0: none)")
+    p.add_argument("--keep-checkpoints", type=positive_int, default=2)
     p.add_argument("--resume", default="auto",
                    help="'auto' (latest checkpoint in OUTPUT/checkpoints if any), 'never', or a checkpoint folder")
-    p.add_argument("--max-documents", type=int, default=None, help="use at most this many documents")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-documents", type=positive_int, default=None, help="use at most this many documents")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--no-kernels", action="store_true", help="keep stock transformers RoPE")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="on an error, show the traceback")
     return p
+
+
+def validate_settings(args, world_size: int) -> None:
+    """The checks that need more than one argument or a look at the file system, before anything slow runs (each
+    argument's own range is checked by its argparse type)."""
+    per_step = args.micro_batch * world_size
+    if args.global_batch % per_step:
+        raise ValueError(f"--global-batch {args.global_batch} is not a multiple of --micro-batch x ranks = "
+                         f"{args.micro_batch} x {world_size}")
+    if args.original_window >= args.target_length:
+        raise ValueError(f"--original-window {args.original_window} must be smaller than --target-length "
+                         f"{args.target_length}: PoSE extends a window")
+    if args.num_chunks > args.original_window:
+        raise ValueError(f"--num-chunks {args.num_chunks} is more than --original-window {args.original_window} "
+                         "tokens (every chunk holds one token at least)")
+    check_output_folder(args.output)
+    split_model_path(args.model)
+    data = args.data or python_docs_path()
+    if not Path(data).exists():
+        raise FileNotFoundError(f"--data {data} does not exist")
+    if args.resume not in ("auto", "never") and not Path(args.resume).is_dir():
+        raise FileNotFoundError(f"--resume {args.resume} is not a checkpoint folder (or 'auto' / 'never')")
 
 
 # ---------------------------------------------------------------------------------------------------------- runtime
@@ -129,6 +179,48 @@ def wrap_model(model, runtime: Runtime, fsdp: bool):
     return DistributedDataParallel(model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
 
 
+# ------------------------------------------------------------------------------------------------------------- LoRA
+def check_lora_args(args) -> None:
+    """Refuse LoRA settings that cannot work, before a model is loaded or anything written."""
+    if not args.lora_rank:
+        if args.lora_alpha is not None or args.lora_output != "merged":
+            raise ValueError("--lora-alpha and --lora-output adapter need --lora-rank")
+        return
+    if args.fsdp:
+        raise ValueError("--lora-rank with --fsdp is not supported: merging or saving adapters of a sharded model is "
+                         "not implemented; LoRA trains under DDP (drop --fsdp)")
+    if args.lora_output == "adapter" and Path(args.model).suffix == ".gguf":
+        raise ValueError("--lora-output adapter needs a transformers model folder as --model (the adapter is loaded "
+                         "onto it); a .gguf model is dequantized for training: use --lora-output merged")
+
+
+def add_lora(model, args):
+    """The model wrapped in PEFT LoRA adapters (`--lora-rank`, no dropout) on every linear layer but the LM head, its
+    own weights frozen; the model itself without `--lora-rank`."""
+    if not args.lora_rank:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank, lora_dropout=0.0,
+                        target_modules="all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def save_model(model, args, folder: Path, state_dict: dict | None = None) -> None:
+    """Write the trained model (`state_dict`: its full state when sharded) to `folder` as a transformers folder;
+    with LoRA the adapters merged into the weights, or (`--lora-output adapter`) the PEFT adapter with the extended
+    config.json: the adapter names its base model, and that base's own config would lose the RoPE scaling."""
+    model.config.use_cache = True
+    if not args.lora_rank:
+        model.save_pretrained(folder, state_dict=state_dict)
+    elif args.lora_output == "merged":
+        model.merge_and_unload().save_pretrained(folder)
+    else:
+        model.peft_config["default"].base_model_name_or_path = str(Path(args.model).resolve())
+        model.save_pretrained(folder)
+        model.get_base_model().config.save_pretrained(folder)
+
+
 # ------------------------------------------------------------------------------------------------------ checkpoints
 def model_optimizer_state(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
     """Full (unsharded, CPU) state dicts of the model and the optimizer."""
@@ -152,52 +244,96 @@ def load_model_optimizer_state(model, optimizer, model_state: dict, optimizer_st
     optimizer.load_state_dict(optimizer_state)
 
 
-def save_checkpoint(folder: Path, state: dict, keep: int) -> Path:
-    """Write `state` to `folder/step-<N>` atomically: into a temporary folder first, renamed when complete."""
-    final = folder / f"{CHECKPOINT_PREFIX}{state['step']:07d}"
-    temporary = folder / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    torch.save(state, temporary / CHECKPOINT_FILE)
-    (temporary / "meta.json").write_text(json.dumps({"step": state["step"], "complete": True}))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(temporary, final)
-    for old in sorted(folder.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+def model_identity(config) -> dict:
+    """The model's config, as JSON reads it back, without what names a file or a run-time switch: a resumed run
+    must have the same."""
+    return {k: v for k, v in json.loads(config.to_json_string(use_diff=False)).items()
+            if not k.startswith("_") and k not in VOLATILE_CONFIG_KEYS}
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint in `folder` (temporary leftovers of an interrupted save are ignored)."""
-    candidates = sorted(folder.glob(f"{CHECKPOINT_PREFIX}*")) if folder.is_dir() else []
-    return candidates[-1] if candidates else None
+def find_resume_checkpoint(args, folder: Path, main: bool, report) -> Checkpoint | None:
+    """The checkpoint this run continues from (verified), or None for a fresh run."""
+    if args.resume == "never":
+        if earlier := checkpoint_folders(folder):
+            raise ValueError(f"--resume never, but {folder} holds checkpoints of an earlier run ({earlier[-1].name}); "
+                             "a fresh run would mix with them: pass another --output or delete that folder")
+        return None
+    if args.resume == "auto":
+        return newest_checkpoint(folder, report, set_aside=main)
+    return verify_checkpoint(Path(args.resume))
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint folder; a clear error when it is incomplete or corrupt."""
-    state_file = path / CHECKPOINT_FILE
-    if not state_file.is_file() or not (path / "meta.json").is_file():
-        raise RuntimeError(f"checkpoint {path} is incomplete (no {CHECKPOINT_FILE} / meta.json): delete it or pass "
-                           "--resume with another checkpoint")
+def check_resume_settings(checkpoint: Checkpoint, args) -> None:
+    """Refuse a resume whose settings would change what the remaining steps compute, naming each difference."""
+    saved = checkpoint.meta["segments"][-1]["settings"]
+    now = settings_record(args)
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} in the checkpoint, {now[k]} now" for k in RESUME_MUST_MATCH
+               if saved.get(k) != now[k]]
+    if changed:
+        raise ValueError(f"checkpoint {checkpoint.path} was written with other settings: {'; '.join(changed)}. Resume "
+                         "with the checkpoint's settings, or start a new run with --output elsewhere")
+    if checkpoint.step > args.steps:
+        raise ValueError(f"checkpoint {checkpoint.path} is at step {checkpoint.step}, past --steps {args.steps}: "
+                         f"pass --steps {checkpoint.step} or more, or start a new run with --output elsewhere")
+
+
+def check_resume_inputs(checkpoint: Checkpoint, data_sha256: str, documents: int, model_config: dict) -> None:
+    """Refuse a resume on other training data (token-stream SHA-256) or another model config."""
+    meta = checkpoint.meta
+    if meta["data_sha256"] != data_sha256:
+        raise ValueError(f"checkpoint {checkpoint.path} was trained on other data: token stream SHA-256 "
+                         f"{meta['data_sha256'][:16]}... ({meta['data']['num_documents']} documents) in the "
+                         f"checkpoint, {data_sha256[:16]}... ({documents} documents) now; resume with the same --data, "
+                         "--max-documents and tokenizer")
+    differ = sorted(k for k in set(meta["model_config"]) | set(model_config)
+                    if meta["model_config"].get(k) != model_config.get(k))
+    if differ:
+        shown = "; ".join(f"{k} {meta['model_config'].get(k)} in the checkpoint, {model_config.get(k)} now"
+                          for k in differ[:4])
+        raise ValueError(f"checkpoint {checkpoint.path} was trained from another model config: {shown}")
+
+
+# ------------------------------------------------------------------------------------------------------ final model
+def save_final_model(model, tokenizer, args, model_state: dict | None, record: dict) -> None:
+    """Write the model, tokenizer and `pose_training.json` into OUTPUT: all into a temporary folder first (flushed
+    to disk), then each file renamed into place, the record last, so OUTPUT never holds a partly written file and
+    holds pose_training.json only when every other file of the model is complete."""
+    output = args.output
+    temporary = output / f"{TEMPORARY_PREFIX}model-{os.getpid()}"
     try:
-        meta = json.loads((path / "meta.json").read_text())
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling / zip error means the same thing to the user
-        raise RuntimeError(f"checkpoint {path} is corrupt and cannot be read ({type(exc).__name__}: {exc}); delete "
-                           "it or pass --resume with another checkpoint") from exc
-    if not isinstance(state, dict) or state.get("step") != meta.get("step"):
-        raise RuntimeError(f"checkpoint {path} is corrupt: its state does not match its meta.json")
-    return state
+        with disk_space_errors(output):
+            shutil.rmtree(temporary, ignore_errors=True)
+            save_model(model, args, temporary, model_state)
+            tokenizer.save_pretrained(temporary)
+            (temporary / RECORD_FILE).write_text(json.dumps(record, indent=1))
+            for path in (p for p in temporary.rglob("*") if p.is_file()):
+                with path.open("rb") as handle:
+                    os.fsync(handle.fileno())
+            (output / RECORD_FILE).unlink(missing_ok=True)
+            for path in sorted(temporary.iterdir(), key=lambda p: p.name == RECORD_FILE):
+                target = output / path.name
+                if target.is_dir() and path.is_dir():
+                    shutil.rmtree(target)
+                os.replace(path, target)
+            fsync_folder(output)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------------------ train
 def open_metrics(path: Path, resumed_step: int):
     """The metrics file, opened for appending after dropping the records of steps a resumed run repeats (all of
-    them for a fresh run)."""
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resumed_step] \
-        if path.exists() and resumed_step else []
-    path.write_text("".join(line + "\n" for line in kept))
+    them for a fresh run) and a last line cut short by a kill."""
+    kept = []
+    if path.exists() and resumed_step:
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record["step"] <= resumed_step:
+                kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
     return path.open("a")
 
 
@@ -209,7 +345,7 @@ def load_documents(args, tokenizer, min_tokens: int, progress: bool) -> list[tor
     data = args.data or python_docs_path()
     documents, skipped = tokenize_documents(read_texts(data), tokenizer, min_tokens, args.max_documents, progress)
     if progress:
-        print(f"[ctxext-train] {len(documents)} documents from {data} ({skipped} shorter than {min_tokens} tokens "
+        print(f"[{PROG}] {len(documents)} documents from {data} ({skipped} shorter than {min_tokens} tokens "
               "skipped)", file=sys.stderr)
     return documents
 
@@ -219,16 +355,27 @@ def train(args, model=None, tokenizer=None) -> Path:
 
     `model` and `tokenizer` may be passed already loaded (with the extended RoPE set, as `load_model` does), e.g. by
     the demo, which evaluates the same model before and after; they are then trained in place."""
+    check_lora_args(args)
     runtime = Runtime()
-    progress = runtime.main and not args.quiet
-    per_step = args.micro_batch * runtime.world_size
-    if args.global_batch % per_step:
-        raise ValueError(f"--global-batch {args.global_batch} is not a multiple of micro-batch x ranks = {per_step}")
-    accumulation = args.global_batch // per_step
-    torch.manual_seed(args.seed)
-
+    validate_settings(args, runtime.world_size)
     sampler = PoseSampler(args.original_window, args.target_length, args.num_chunks, args.content, args.seed,
                           args.method)
+    with output_lock(args.output, PROG) if runtime.main else contextlib.nullcontext():
+        return _train(args, runtime, sampler, model, tokenizer)
+
+
+def _train(args, runtime: Runtime, sampler: PoseSampler, model, tokenizer) -> Path:
+    progress = runtime.main and not args.quiet
+    per_step = args.micro_batch * runtime.world_size
+    accumulation = args.global_batch // per_step
+    checkpoints = args.output / "checkpoints"
+    resume = find_resume_checkpoint(args, checkpoints, runtime.main,
+                                    lambda message: warn(PROG, message) if runtime.main else None)
+    if resume is not None:
+        check_resume_settings(resume, args)
+    runtime.barrier()  # rank 0 has set corrupt checkpoints aside
+    torch.manual_seed(args.seed)
+
     if model is None:
         model, tokenizer = load_model(args.model, rope_type=args.rope_type, target_length=args.target_length,
                                       rope_factor=args.rope_factor, trained_window=args.trained_window,
@@ -238,7 +385,12 @@ def train(args, model=None, tokenizer=None) -> Path:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    model_config = model_identity(model.config)
+    model = add_lora(model, args)
     documents = load_documents(args, tokenizer, sampler.min_document_length, progress)
+    data_sha256 = fingerprint(documents)
+    if resume is not None:
+        check_resume_inputs(resume, data_sha256, len(documents), model_config)
     stream = DocumentStream(documents, args.seed)
     collator = PoseCollator(sampler)
 
@@ -249,32 +401,32 @@ def train(args, model=None, tokenizer=None) -> Path:
     autocast = (lambda: torch.autocast(runtime.device.type, dtype=torch.bfloat16)) if use_bf16 else \
         contextlib.nullcontext
 
-    args.output.mkdir(parents=True, exist_ok=True)
-    checkpoints = args.output / "checkpoints"
     step = 0
-    resume_from = None if args.resume == "never" else \
-        latest_checkpoint(checkpoints) if args.resume == "auto" else Path(args.resume)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        changed = {k: (state["args"].get(k), getattr(args, k)) for k in RESUME_MUST_MATCH
-                   if state["args"].get(k) != getattr(args, k)}
-        if changed:
-            raise ValueError(f"checkpoint {resume_from} was written with other settings {changed} (saved, now): "
-                             "resume with the same settings, or pass --resume never / another --output")
-        load_model_optimizer_state(wrapped, optimizer, state["model"], state["optimizer"], args.fsdp)
+    segments = []  # the stretches of this run, each with the settings it ran under
+    if resume is not None:
+        state = resume.tensors()
+        try:
+            load_model_optimizer_state(wrapped, optimizer, state["model"], state["optimizer"], args.fsdp)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {resume.path} does not fit this model: {exc}") from exc
         scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        stream.load_state_dict(state["data"])
         torch.set_rng_state(state["torch_rng"])
-        step = state["step"]
+        sampler.load_state_dict(resume.meta["sampler"])
+        stream.load_state_dict(resume.meta["data"])
+        step = resume.step
+        segments = [s for s in resume.meta["segments"] if s["from_step"] < step]
         if progress:
-            print(f"[ctxext-train] resumed from {resume_from} at step {step}", file=sys.stderr)
+            print(f"[{PROG}] resumed from {resume.path} at step {step}", file=sys.stderr)
+    segments.append({"from_step": step, "settings": settings_record(args), "device": str(runtime.device),
+                     "world_size": runtime.world_size, "compute_dtype": "bf16" if use_bf16 else "fp32",
+                     "rope": kernels})
     if progress:
-        print(f"[ctxext-train] {args.method}: Lc={args.original_window} Lt={args.target_length} rope "
-              f"{model.config.rope_parameters if hasattr(model.config, 'rope_parameters') else model.config.rope_scaling}"
-              f", {accumulation} x {per_step} samples/step, {'bf16' if use_bf16 else 'fp32'} on {runtime.device}, "
+        rope = getattr(model.config, "rope_parameters", None) or model.config.rope_scaling
+        print(f"[{PROG}] {args.method}: Lc={args.original_window} Lt={args.target_length} rope {rope}, "
+              f"{accumulation} x {per_step} samples/step, {'bf16' if use_bf16 else 'fp32'} on {runtime.device}, "
               f"{kernels}", file=sys.stderr)
 
+    last_good = resume.path if resume is not None else None
     metrics_file = open_metrics(args.output / "metrics.jsonl", step) if runtime.main else None
     bar = tqdm(total=args.steps, initial=step, desc=f"{args.method} Lt={args.target_length}", disable=not progress)
     wrapped.train()
@@ -296,29 +448,36 @@ def train(args, model=None, tokenizer=None) -> Path:
             total_loss += loss.detach()
             tokens += batch["input_ids"].numel() * runtime.world_size
         grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), args.max_grad_norm)
+        if runtime.distributed:
+            torch.distributed.all_reduce(total_loss, op=torch.distributed.ReduceOp.AVG)
+        loss_value, grad_value = total_loss.item(), float(grad_norm)
+        if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
+            kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+            raise RuntimeError(f"step {step + 1}: the loss is {loss_value} and the gradient norm {grad_value}; "
+                               f"stopped before the optimizer step, {kept} (lower --lr or check the data)")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        if runtime.distributed:
-            torch.distributed.all_reduce(total_loss, op=torch.distributed.ReduceOp.AVG)
         seconds = time.perf_counter() - started
-        record = {"step": step, "loss": total_loss.item(), "lr": scheduler.get_last_lr()[0],
-                  "grad_norm": float(grad_norm), "tokens_per_s": tokens / seconds, "step_s": seconds,
-                  "peak_mem_mib": peak_memory_mib(runtime.device)}
+        record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_value,
+                  "tokens_per_s": tokens / seconds, "step_s": seconds, "peak_mem_mib": peak_memory_mib(runtime.device)}
         if metrics_file:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+            with disk_space_errors(args.output):
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                         mem=f"{record['peak_mem_mib']:.0f}MiB")
         bar.update()
         if args.checkpoint_every and step % args.checkpoint_every == 0 and step < args.steps:
             model_state, optimizer_state = model_optimizer_state(wrapped, optimizer, args.fsdp)
             if runtime.main:
-                save_checkpoint(checkpoints, {"step": step, "model": model_state, "optimizer": optimizer_state,
-                                              "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
-                                              "data": stream.state_dict(), "torch_rng": torch.get_rng_state(),
-                                              "args": vars(args)}, args.keep_checkpoints)
+                last_good = save_checkpoint(
+                    checkpoints, step,
+                    {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                     "torch_rng": torch.get_rng_state()},
+                    {"sampler": sampler.state_dict(), "data": stream.state_dict(), "data_sha256": data_sha256,
+                     "model_config": model_config, "segments": segments}, args.keep_checkpoints)
             runtime.barrier()
     bar.close()
     if metrics_file:
@@ -326,11 +485,9 @@ def train(args, model=None, tokenizer=None) -> Path:
 
     model_state, _ = model_optimizer_state(wrapped, optimizer, args.fsdp) if args.fsdp else (None, None)
     if runtime.main:
-        model.config.use_cache = True
-        model.save_pretrained(args.output, state_dict=model_state)
-        tokenizer.save_pretrained(args.output)
-        (args.output / "pose_training.json").write_text(json.dumps(
-            {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, indent=1))
+        save_final_model(model, tokenizer, args, model_state,
+                         {"settings": settings_record(args), "segments": segments, "steps": step,
+                          "data": {"sha256": data_sha256, "documents": len(documents)}})
     runtime.barrier()
     return args.output
 
@@ -338,13 +495,13 @@ def train(args, model=None, tokenizer=None) -> Path:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        output = train(args)
+        output = run_cli(PROG, lambda: train(args), args.debug)
     except KeyboardInterrupt:
-        last = latest_checkpoint(args.output / "checkpoints")
-        sys.exit(f"[ctxext-train] interrupted; {f'the last checkpoint is {last}' if last else 'no checkpoint yet'}: "
+        last = (checkpoint_folders(args.output / "checkpoints") or [None])[-1]
+        sys.exit(f"[{PROG}] interrupted; {f'the last checkpoint is {last}' if last else 'no checkpoint yet'}: "
                  "run the same command again to resume from it")
     if int(os.environ.get("RANK", "0")) == 0 and not args.quiet:
-        print(f"[ctxext-train] model saved to {output}", file=sys.stderr)
+        print(f"[{PROG}] model saved to {output}", file=sys.stderr)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

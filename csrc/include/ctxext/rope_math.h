@@ -30,6 +30,11 @@ constexpr float kTwoPiMid = -1.74845553146951715e-07f;     // -0x1.777a5cp-23
 constexpr float kTwoPiLo = -6.86049804002352749e-15f;      // -0x1.ee59dap-48
 constexpr float kInvTwoPi = 0.159154936671257019043f;      // 0x1.45f306p-3
 
+struct CosSin {
+  float cos;
+  float sin;
+};
+
 // Angle of `pos` at frequency `inv_freq`, reduced to about [-pi, pi].
 // exact=true: from the exact product (our default). exact=false: from fp32(pos * inv_freq), the product every peer and
 // transformers use, for bit-level parity with stock models (the reduction that follows is still exact).
@@ -45,20 +50,26 @@ CTXEXT_HD float reduced_angle(int64_t pos, float inv_freq, bool exact) {
   return head + tail;
 }
 
-struct CosSin {
-  float cos;
-  float sin;
-};
+// cos and sin of an angle reduced to about [-pi, pi]. kFastTrig selects the hardware approximations __cosf/__sinf
+// (MUFU.COS/SIN, abs error <= 2^-21.41 ~ 3.6e-7 on [-pi, pi] per the CUDA programming guide) instead of the precise
+// library functions: for kernels that round the rotated values to fp16/bf16 right away (2^-11 relative at best), where
+// it cannot show, and the precise sinf/cosf costs a Payne-Hanek slow path with a local-memory array. The host build
+// always evaluates the precise functions, so the CPU tests exercise everything but the device intrinsic itself.
+// Never build with --use_fast_math instead: that would switch the fp32 RoPE op to the intrinsics too.
+template <bool kFastTrig>
+CTXEXT_HD CosSin reduced_cos_sin(float angle) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (kFastTrig) return CosSin{__cosf(angle), __sinf(angle)};
+#endif
+  return CosSin{cosf(angle), sinf(angle)};
+}
 
 // cos and sin of the reduced angle, times the attention scaling (YaRN/LongRoPE temperature, 1 otherwise).
 // conjugate=true negates the angle: the backward pass rotates gradients by -theta with the same kernel.
-// sincosf/cosf here are the precise library versions (never build with --use_fast_math: on |angle| <= pi the fast
-// intrinsics lose ~2^-21.4 absolute, which is what this file exists to avoid).
+template <bool kFastTrig = false>
 CTXEXT_HD CosSin rope_cos_sin(int64_t pos, float inv_freq, float scaling, bool exact, bool conjugate) {
-  const float angle = reduced_angle(pos, inv_freq, exact);
-  const float c = cosf(angle) * scaling;
-  const float s = sinf(angle) * scaling;
-  return CosSin{c, conjugate ? -s : s};
+  const CosSin cs = reduced_cos_sin<kFastTrig>(reduced_angle(pos, inv_freq, exact));
+  return CosSin{cs.cos * scaling, (conjugate ? -cs.sin : cs.sin) * scaling};
 }
 
 // Rotate one pair (x1, x2) -> (x1*c - x2*s, x2*c + x1*s). The pair is (x[i], x[i + rotary_dim/2]) in the half-split
