@@ -1,7 +1,7 @@
 """Does PoSE extend a real model beyond its real window? SmolLM2-135M (window 8192) to 16384, on the CPU.
 
 Arms (each one result file, `<output>/<arm>.json`, written after every document and every passkey trial, so a killed
-run loses at most the step in flight and the next run resumes there):
+run loses at most the step in flight and the next run resumes there; every arm's NLL runs before any passkey trial):
 
 - `untouched`: the model as shipped (no RoPE scaling).
 - `in_window`: the untouched model scoring the same tokens with at most `window` tokens of context (windows of
@@ -205,7 +205,7 @@ def binned(nll: torch.Tensor, bin_size: int) -> list[dict]:
 
 def passkey_trial(model, tokenizer, length: int, rng: random.Random) -> dict:
     key, depth = rng.randint(10000, 99999), rng.random()
-    prompt, _ = pose_eval.passkey_prompt(tokenizer, key, length, depth)
+    prompt, _ = pose_eval.passkey_prompt(tokenizer, key, length - pose_eval.ANSWER_TOKENS, depth)  # answer fits
     answer = tokenizer.decode(pose_eval.greedy_answer(model, prompt), skip_special_tokens=True)
     number = re.search(r"\d+", answer)
     return {"key": key, "depth": round(depth, 4), "answer": answer.strip(),
@@ -214,7 +214,8 @@ def passkey_trial(model, tokenizer, length: int, rng: random.Random) -> dict:
 
 # -------------------------------------------------------------------------------------------------------- the run
 def run_arm(arm: Arm, setup: Setup, documents, names, train_file: Path, work: Path, output: Path, deadline: float,
-            quiet: bool) -> None:
+            quiet: bool, phase: str) -> None:
+    """One phase of an arm: "nll" (training first where the arm trains) or "passkey"."""
     path = output / f"{arm.name}.json"
     record = json.loads(path.read_text()) if path.exists() else {}
     if record.get("setup") not in (None, dataclasses.asdict(setup) | {"passkey_lengths": list(setup.passkey_lengths)}):
@@ -224,8 +225,9 @@ def run_arm(arm: Arm, setup: Setup, documents, names, train_file: Path, work: Pa
     record.setdefault("nll_bins", {})
     record.setdefault("passkey", {})
     wanted_trials = {str(n): setup.trials for n in setup.passkey_lengths} if arm.passkey else {}
-    if len(record["nll_bins"]) == len(names) and all(len(record["passkey"].get(n, [])) >= t
-                                                     for n, t in wanted_trials.items()):
+    nll_done = len(record["nll_bins"]) == len(names)
+    if (phase == "nll" and nll_done) or (phase == "passkey" and all(len(record["passkey"].get(n, [])) >= t
+                                                                    for n, t in wanted_trials.items())):
         return
     model_path = str(train_arm(arm, setup, train_file, work, quiet)) if arm.train_method else setup.model
     model, tokenizer = load_arm_model(arm, setup, model_path)
@@ -233,7 +235,7 @@ def run_arm(arm: Arm, setup: Setup, documents, names, train_file: Path, work: Pa
     def save():
         path.write_text(json.dumps(record, indent=1))
 
-    for name, tokens in zip(names, documents):
+    for name, tokens in zip(names, documents) if phase == "nll" else ():
         if name in record["nll_bins"]:
             continue
         if time.monotonic() > deadline:
@@ -244,7 +246,7 @@ def run_arm(arm: Arm, setup: Setup, documents, names, train_file: Path, work: Pa
         record.setdefault("seconds", {})[f"nll {name}"] = round(time.monotonic() - started, 1)
         save()
         print(f"[pose-quality] {arm.name} {name}: mean NLL {float(nll.nanmean()):.3f}", file=sys.stderr)
-    for length, trials in wanted_trials.items():
+    for length, trials in wanted_trials.items() if phase == "passkey" else ():
         done = record["passkey"].setdefault(length, [])
         rng = random.Random(f"{setup.seed}-{length}")
         for _ in done:  # the same keys and depths as an uninterrupted run
@@ -348,9 +350,10 @@ def main(argv=None) -> None:
 
         tokenizer = AutoTokenizer.from_pretrained(str(Path(setup.model).parent), gguf_file=Path(setup.model).name)
     documents, names, train_file = split_documents(setup, tokenizer, work, args.quick)
-    for name in args.arms.split(","):
-        run_arm(known[name], setup, documents, names, train_file, work, args.output, deadline, args.quiet)
-        summarize(args.output, setup)
+    for phase in ("nll", "passkey"):  # every arm's perplexity curve before the (slower) passkey trials
+        for name in args.arms.split(","):
+            run_arm(known[name], setup, documents, names, train_file, work, args.output, deadline, args.quiet, phase)
+            summarize(args.output, setup)
     print((args.output / "summary.md").read_text())
 
 

@@ -169,7 +169,7 @@ def test_eval_without_matplotlib_keeps_the_results(workspace, tmp_path, monkeypa
     model, data = workspace
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
     pose_eval.main(["ppl", "--model", str(model), "--lengths", "64,128", "--stride", "32", "--data", str(data),
-                    "--documents", "1", "--output", str(tmp_path / "ppl"), "--no-kernels"])
+                    "--split", "all", "--documents", "1", "--output", str(tmp_path / "ppl"), "--no-kernels"])
     report = json.loads((tmp_path / "ppl" / "ppl.json").read_text())
     assert report["complete"] and [r["length"] for r in report["results"]] == [64, 128]
     assert (tmp_path / "ppl" / "ppl.md").exists() and not (tmp_path / "ppl" / "ppl.png").exists()

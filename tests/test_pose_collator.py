@@ -4,7 +4,7 @@ transformers' Trainer and TRL's SFTTrainer the patched rotary module sees exactl
 import pytest
 import torch
 
-from ctxext_kernels.pose import PoseDataCollator, PoseSampler
+from ctxext_kernels.pose import PoseCollator, PoseDataCollator, PoseSampler
 from pose_fixtures import TINY_WINDOW, save_tiny_llama
 
 LC, LT = TINY_WINDOW // 4, 4 * TINY_WINDOW  # a 16-token window stretched to 256 positions
@@ -84,11 +84,14 @@ def extended_model(tmp_path_factory):
                       target_length=LT)
 
 
-def test_chunks_attend_to_each_other(extended_model):
-    """In training (no cache), a token of the first chunk changes the logits of the last chunk: the collator's batch
-    keeps each row one causal sequence although its position ids jump."""
+@pytest.mark.parametrize("collator", ["trainer", "ctxext-train"])
+def test_chunks_attend_to_each_other(extended_model, collator):
+    """In training (no cache), a token of the first chunk changes the logits of the last chunk: the batch of the
+    Trainer collator and of ctxext-train's PoseCollator keeps each row one causal sequence although its ids jump."""
     model, _ = extended_model
-    batch = PoseDataCollator(PoseSampler(LC, LT, seed=0))([{"input_ids": doc} for doc in documents(4)])
+    sampler = PoseSampler(LC, LT, seed=0)
+    batch = (PoseDataCollator(sampler)([{"input_ids": doc} for doc in documents(4)]) if collator == "trainer" else
+             PoseCollator(sampler)([torch.as_tensor(doc) for doc in documents(4)]))
     jumps = batch["position_ids"].diff() > 1
     row = int(torch.nonzero(jumps.any(1))[0])  # a row whose chunks sit apart
     last = int(torch.nonzero(jumps[row])[-1]) + 1  # the last chunk's first index

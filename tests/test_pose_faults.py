@@ -280,7 +280,8 @@ def test_diverging_loss_stops_with_the_last_good_checkpoint(workspace, tmp_path)
     output = tmp_path / "out"
     with pytest.raises(SystemExit, match=r"step 2: the loss is nan and the gradient norm nan; stopped before the "
                                          r"optimizer step, the last good checkpoint is .*step-0000001"):
-        pose_train.main(argv(workspace, output, "--lr", "1e20", "--checkpoint-every", "1"))
+        # constant: the linear schedule's first step trains at lr 0
+        pose_train.main(argv(workspace, output, "--lr", "1e20", "--checkpoint-every", "1", "--schedule", "constant"))
     verify_checkpoint(output / "checkpoints" / "step-0000001")
     assert [r["step"] for r in map(json.loads, (output / "metrics.jsonl").read_text().splitlines())] == [1]
     assert not (output / "model.safetensors").exists() and leftovers(output) == []

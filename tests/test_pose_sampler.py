@@ -116,11 +116,12 @@ def test_determinism_and_exact_resume():
 def test_collator_batches_and_packing():
     docs = [document(200) for _ in range(4)]
     batch = PoseCollator(PoseSampler(16, 64, seed=0))(docs)
-    assert {k: tuple(v.shape) for k, v in batch.items()} == {k: (4, 16) for k in ("input_ids", "labels", "position_ids")}
-    assert torch.equal(batch["labels"], batch["input_ids"])
+    keys = ("input_ids", "labels", "position_ids", "attention_mask")
+    assert {k: tuple(v.shape) for k, v in batch.items()} == {k: (4, 16) for k in keys}
+    assert torch.equal(batch["labels"], batch["input_ids"]) and bool((batch["attention_mask"] == 1).all())
 
     packed = PoseCollator(PoseSampler(16, 64, seed=0), samples_per_row=2)(docs)
-    assert packed["input_ids"].shape == (2, 32)
+    assert packed["input_ids"].shape == (2, 32) and "attention_mask" not in packed
     assert torch.equal(packed["input_ids"].reshape(4, 16), batch["input_ids"])
     assert torch.equal(packed["position_ids"][:, 16], torch.zeros(2, dtype=torch.long))  # restart at every sample
     assert (packed["labels"][:, 16] == -100).all() and (packed["labels"][:, :16] >= 0).all()
@@ -181,3 +182,45 @@ def test_contiguous_control_takes_poses_tokens_at_unskipped_positions():
         ids, pos = PoseSampler(16, 64, num_chunks=3, seed=seed, method="contiguous").sample(document(lx))
         assert torch.equal(ids, pose_ids) and torch.equal(pos, torch.arange(16))
         assert int(pose_pos.max()) >= 15
+
+
+@pytest.mark.parametrize("method", ["pose", "contiguous", "full", "randpos"])
+@pytest.mark.parametrize("content", ["random", "same"])
+def test_every_sample_starts_with_bos_at_position_0(method, content):
+    """With a BOS token, each sample is BOS at position 0 followed by L-1 tokens of the document: for PoSE the first
+    chunk starts the document (BOS then its first tokens), for full/randpos any contiguous L-1 tokens."""
+    lc, lt, bos = 16, 64, 10_000
+    for seed in range(200):
+        doc = document(lt + seed % 20)
+        ids, pos = PoseSampler(lc, lt, seed=seed, method=method, content=content, bos_token_id=bos).sample(doc)
+        length = lt if method == "full" else lc
+        assert ids.shape == pos.shape == (length,)
+        assert ids[0] == bos and pos[0] == 0 and (ids[1:] != bos).all()
+        assert (pos.diff() > 0).all() and pos[-1] < lt
+        if method in ("pose", "contiguous"):  # sampled as the document with BOS prepended: the first chunk opens it
+            with_bos = torch.cat([torch.tensor([bos]), doc])
+            layout = PoseSampler(lc, lt, seed=seed, method=method, content=content).draw_layout(with_bos.numel())
+            assert torch.equal(ids, with_bos[layout.token_indices()]) and torch.equal(pos, layout.position_ids())
+            first = layout.lengths[0]
+            assert torch.equal(ids[1:first], doc[:first - 1]) and torch.equal(pos[:first], torch.arange(first))
+        else:  # documents are arange(Lx): a contiguous window has consecutive ids
+            assert (ids[1:].diff() == 1).all() and ids[-1] < doc.numel()
+        if method == "full":
+            assert torch.equal(pos, torch.arange(lt))
+
+
+def test_leading_bos_follows_the_tokenizer():
+    from tokenizers import Tokenizer, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from ctxext_kernels.pose.modeling import leading_bos
+
+    def tokenizer(template: bool, bos: bool):
+        backend = Tokenizer(models.WordLevel({"a": 0, "<s>": 1, "<unk>": 2}, unk_token="<unk>"))
+        if template:
+            backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+        return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>" if bos else None, unk_token="<unk>")
+
+    assert leading_bos(tokenizer(template=True, bos=True)) == 1
+    assert leading_bos(tokenizer(template=False, bos=True)) is None  # has a BOS token, but does not add it
+    assert leading_bos(tokenizer(template=False, bos=False)) is None

@@ -14,6 +14,8 @@ from ctxext_kernels.pose.checkpoint import SUMS_FILE
 from pose_fixtures import TINY_WINDOW, save_tiny_llama, train_argv, write_corpus
 
 LT = 4 * TINY_WINDOW
+# these runs simulate an interruption by a shorter --steps, which the linear decay (ending at --steps) refuses on resume
+CONSTANT = ("--schedule", "constant")
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +30,14 @@ def run(model, data, output, *extra):
 
 def test_train_resume_and_output(workspace, tmp_path):
     model, data = workspace
-    run(model, data, tmp_path / "straight", "--checkpoint-every", "0")
+    run(model, data, tmp_path / "straight", "--checkpoint-every", "0", *CONSTANT)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
 
     # interrupted after step 2 (a checkpoint at step 2, stopped), then resumed to step 4
-    run(model, data, tmp_path / "resumed", "--checkpoint-every", "2", "--steps", "3")
+    run(model, data, tmp_path / "resumed", "--checkpoint-every", "2", "--steps", "3", *CONSTANT)
     assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step-0000002"]
-    run(model, data, tmp_path / "resumed", "--checkpoint-every", "2")
+    run(model, data, tmp_path / "resumed", "--checkpoint-every", "2", *CONSTANT)
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # the interrupted run's step 3 was replaced by the resumed run's
     record = json.loads((tmp_path / "resumed" / "pose_training.json").read_text())
@@ -73,7 +75,7 @@ def interrupted(workspace, tmp_path_factory):
     """An output folder whose run stopped after step 3 with a checkpoint at step 2."""
     model, data = workspace
     output = tmp_path_factory.mktemp("interrupted") / "out"
-    run(model, data, output, "--checkpoint-every", "2", "--steps", "3")
+    run(model, data, output, "--checkpoint-every", "2", "--steps", "3", *CONSTANT)
     return output
 
 
@@ -87,6 +89,8 @@ def tree_digest(folder) -> dict:
     (("--weight-decay", "0.1"), "--weight-decay 0.0 in the checkpoint, 0.1 now"),
     (("--warmup-steps", "3"), "--warmup-steps 2 in the checkpoint, 3 now"),
     (("--seed", "1"), "--seed 0 in the checkpoint, 1 now"),
+    (("--schedule", "linear"), "--schedule constant in the checkpoint, linear now"),
+    (("--chunk-lengths", "authors"), "--chunk-lengths paper in the checkpoint, authors now"),
     (("--steps", "1"), "is at step 2, past --steps 1"),
     (("--data", "OTHER"), "was trained on other data: token stream SHA-256"),
     (("--model", "OTHER"), "from another model config: rms_norm_eps 1e-06 in the checkpoint, 0.001 now"),
@@ -103,7 +107,7 @@ def test_resume_refuses_changed_settings(workspace, interrupted, tmp_path, chang
         change = ("--model", str(tmp_path / "other"))
     before = tree_digest(interrupted)
     with pytest.raises(SystemExit, match=named):
-        run(model, data, interrupted, "--checkpoint-every", "2", *change)
+        run(model, data, interrupted, "--checkpoint-every", "2", *CONSTANT, *change)
     assert tree_digest(interrupted) == before
 
 
@@ -139,7 +143,7 @@ def test_loading_a_checkpoint_runs_no_code(workspace, interrupted, tmp_path):
     sums = [f"{hashlib.sha256((checkpoint / n).read_bytes()).hexdigest()}  {n}\n" for n in ("state.pt", "meta.json")]
     (checkpoint / SUMS_FILE).write_text("".join(sums))
     with pytest.raises(SystemExit, match="step-0000002 cannot be read"):
-        run(model, data, output, "--checkpoint-every", "2")
+        run(model, data, output, "--checkpoint-every", "2", *CONSTANT)
     assert not marker.exists()
 
 
@@ -170,3 +174,142 @@ def test_ddp_under_torchrun_matches_one_process(workspace, tmp_path):
     ddp = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp").state_dict()
     for name, value in single.items():
         torch.testing.assert_close(ddp[name], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("warmup, total", [(10, 1000), (2, 4), (0, 5), (7, 7), (3, 50)])
+def test_linear_schedule_is_transformers_get_linear_schedule_with_warmup(warmup, total):
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    oracle = get_linear_schedule_with_warmup(optimizer, warmup, total)
+    ours = pose_train.lr_multiplier("linear", warmup, total)
+    for k in range(total + 1):
+        assert ours(k) == pytest.approx(oracle.get_last_lr()[0], abs=1e-12), k
+        optimizer.step()
+        oracle.step()
+
+
+def test_linear_schedule_run_and_bit_exact_resume(workspace, tmp_path):
+    """The default schedule: each step's recorded lr is transformers' linear schedule (warm-up 2, 0 after step 4), and
+    a run resumed from its step-2 checkpoint ends with the same weights; a resume with another --steps is refused."""
+    from transformers import AutoModelForCausalLM
+
+    model, data = workspace
+    run(model, data, tmp_path / "out", "--checkpoint-every", "2")
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([0.0, 0.5e-3, 1e-3, 0.5e-3])
+    straight = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    shutil.copytree(tmp_path / "out" / "checkpoints", tmp_path / "again" / "checkpoints")
+    run(model, data, tmp_path / "again", "--checkpoint-every", "2")
+    resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "again").state_dict()
+    for name, value in straight.items():
+        assert torch.equal(resumed[name], value), name
+    with pytest.raises(SystemExit, match="--steps 4 in the checkpoint, 5 now"):
+        run(model, data, tmp_path / "again", "--checkpoint-every", "2", "--steps", "5")
+
+
+def test_ntk_is_the_papers_static_ntk_and_loads_in_stock_transformers(workspace, tmp_path):
+    """--rope-type ntk: rope_theta' = rope_theta x s^(d/(d-2)) saved as a "default" RoPE; stock transformers' inv_freq
+    of the saved model is rope_theta'^(-2i/d), whose lowest frequency is the original's divided by s exactly."""
+    from transformers import AutoModelForCausalLM
+
+    model, data = workspace
+    run(model, data, tmp_path / "ntk", "--rope-type", "ntk", "--steps", "1", "--global-batch", "2",
+        "--checkpoint-every", "0")
+    factor, theta, d = LT / TINY_WINDOW, 10000.0, 8  # the tiny model: head_dim 32 / 4 heads, rope_theta 1e4
+    new_theta = theta * factor ** (d / (d - 2))
+    saved = json.loads((tmp_path / "ntk" / "config.json").read_text())
+    assert saved["max_position_embeddings"] == LT
+    assert saved["rope_parameters"]["rope_type"] == "default"
+    assert saved["rope_parameters"]["rope_theta"] == pytest.approx(new_theta, rel=1e-12)
+    record = json.loads((tmp_path / "ntk" / "pose_training.json").read_text())["rope_scaling"]
+    assert (record["rope_type"], record["factor"], record["original_rope_theta"]) == ("ntk", factor, theta)
+    inv_freq = AutoModelForCausalLM.from_pretrained(tmp_path / "ntk").model.rotary_emb.inv_freq.double()
+    expected = new_theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    torch.testing.assert_close(inv_freq, expected, rtol=1e-6, atol=0)
+    assert expected[-1].item() == pytest.approx(theta ** (-(d - 2) / d) / factor, rel=1e-12)
+
+
+def test_dynamic_and_bad_combinations_are_refused_before_loading(workspace, tmp_path):
+    model, data = workspace
+    for extra, message in [(("--rope-type", "dynamic"), "--rope-type dynamic cannot train a window.*--rope-type ntk"),
+                           (("--chunk-lengths", "authors", "--num-chunks", "3"), "needs --num-chunks 2, got 3"),
+                           (("--method", "full", "--min-document-tokens", "100"),
+                            f"--min-document-tokens 100 is less than the {LT} tokens")]:
+        with pytest.raises(SystemExit, match=message):
+            run(model, data, tmp_path / "out", *extra)
+        assert not (tmp_path / "out").exists()
+
+
+def test_chunk_lengths_reach_the_sampler(workspace, tmp_path, monkeypatch):
+    made = []
+
+    class Recording(pose_train.PoseSampler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.chunk_lengths)
+
+    monkeypatch.setattr(pose_train, "PoseSampler", Recording)
+    model, data = workspace
+    run(model, data, tmp_path / "out", "--chunk-lengths", "authors", "--steps", "1", "--global-batch", "2",
+        "--checkpoint-every", "0")
+    assert made and set(made) == {"authors"}
+
+
+def test_min_document_tokens_gives_pose_the_full_baselines_documents(workspace, tmp_path):
+    """A document longer than Lc but shorter than Lt: PoSE keeps it by default, the full-length baseline cannot;
+    with --min-document-tokens Lt both train on the same token stream."""
+    model, data = workspace
+    corpus = tmp_path / "corpus"
+    shutil.copytree(data, corpus)
+    (corpus / "middle.txt").write_text("x" * (LT // 2))  # one token per byte: Lc < LT/2 < Lt
+    # --split all: the added document happens to be one of the held-out tenth training skips by default
+    one_step = ("--steps", "1", "--global-batch", "2", "--checkpoint-every", "0", "--split", "all")
+
+    def data_record(name, *extra):
+        run(model, corpus, tmp_path / name, *one_step, *extra)
+        return json.loads((tmp_path / name / "pose_training.json").read_text())["data"]
+
+    pose, full = data_record("pose"), data_record("full", "--method", "full")
+    same = data_record("same", "--min-document-tokens", str(LT))
+    assert pose["documents"] == full["documents"] + 1
+    assert same == full
+
+
+@pytest.mark.parametrize("method", ["pose", "full"])
+def test_samples_start_with_the_bos_the_tokenizer_adds(workspace, tmp_path, monkeypatch, method):
+    """A tokenizer whose post-processor puts BOS first: every training sample starts with it at position 0."""
+    from tokenizers import processors
+
+    from pose_fixtures import byte_tokenizer
+
+    model, data = workspace
+    shutil.copytree(model, tmp_path / "model")
+    tokenizer = byte_tokenizer()
+    bos = tokenizer.convert_tokens_to_ids("</s>")
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="</s> $A",
+                                                                               special_tokens=[("</s>", bos)])
+    tokenizer.bos_token = "</s>"
+    tokenizer.save_pretrained(tmp_path / "model")
+    starts = []
+
+    class Recording(pose_train.PoseSampler):
+        def sample(self, tokens):
+            ids, positions = super().sample(tokens)
+            starts.append((int(ids[0]), int(positions[0])))
+            return ids, positions
+
+    monkeypatch.setattr(pose_train, "PoseSampler", Recording)
+    run(tmp_path / "model", data, tmp_path / "out", "--method", method, "--steps", "1", "--global-batch", "2",
+        "--checkpoint-every", "0")
+    assert starts and set(starts) == {(bos, 0)}
+    assert json.loads((tmp_path / "out" / "pose_training.json").read_text())["data"]["bos_token_id"] == bos
+
+
+def test_resume_refuses_another_bos():
+    from types import SimpleNamespace
+
+    checkpoint = SimpleNamespace(path="ckpt", meta={"bos_token_id": None, "data_sha256": "0", "model_config": {}})
+    pose_train.check_resume_inputs(checkpoint, "0", 1, {}, None)
+    with pytest.raises(ValueError, match="BOS token None first in every sample, this tokenizer adds 1"):
+        pose_train.check_resume_inputs(checkpoint, "0", 1, {}, 1)

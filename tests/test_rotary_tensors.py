@@ -248,6 +248,8 @@ def test_training_step_never_syncs_with_the_host(family, rope, monkeypatch):
     patch([family])
     # Beyond LongRoPE's original window (16), so the long factors are picked on the device.
     input_ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():  # the first call builds and checks each module's RopeSpec once, on the CPU (no device)
+        model(input_ids)
     with monkeypatch.context() as scope, no_host_sync(scope):
         loss = model(input_ids, labels=input_ids).loss
         loss.backward()

@@ -32,10 +32,7 @@ class PoseDataCollator:
     sampler to L tokens (L = Lc, or Lt for `method="full"`) with position ids spanning [0, Lt).
 
     Returns `{"input_ids", "position_ids", "labels", "attention_mask"}`, each `[B, L]` int64; `labels` equal
-    `input_ids` (the model shifts them) and `attention_mask` is all ones. The mask is not decoration: transformers >= 5
-    reads position ids that do not step by one, given no attention mask and no cache (i.e. in training), as several
-    packed sequences and blocks attention between them, which would cut every PoSE chunk off from the chunks before
-    it. With the mask each row stays one causal sequence (SDPA still takes its `is_causal` path).
+    `input_ids` (the model shifts them) and `attention_mask` is all ones (`PoseCollator` says why it matters).
 
     Randomness comes from the sampler's generator. In a DataLoader worker process, or on a rank of a distributed run,
     the collator re-seeds it on its first batch from `(sampler.seed, rank, the worker's torch seed)`: without that,
@@ -62,9 +59,7 @@ class PoseDataCollator:
             raise KeyError(f"features {missing[:5]} have no {self.input_key!r} field (fields: "
                            f"{sorted(features[missing[0]])}): tokenize the dataset first")
         self._select_stream()
-        batch = self._collate([torch.as_tensor(feature[self.input_key]) for feature in features])
-        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-        return batch
+        return self._collate([torch.as_tensor(feature[self.input_key]) for feature in features])
 
     def _select_stream(self) -> None:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

@@ -28,6 +28,16 @@ def python_docs_path(root: Path = PYTHON_DOCS) -> Path:
     return root
 
 
+HELDOUT_EVERY = 10  # one document in HELDOUT_EVERY is held out for evaluation
+
+
+def is_heldout(text: str) -> bool:
+    """Whether a document belongs to the evaluation split: a fixed 1 in `HELDOUT_EVERY` by the SHA-256 of its text,
+    so the split needs no file list and the same text is held out wherever it appears. Training that should not see
+    the evaluation text keeps the documents for which this is False."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") % HELDOUT_EVERY == 0
+
+
 def read_texts(path: str | Path, field: str = "text") -> Iterator[str]:
     """Yield the documents stored at `path` (see the module docstring for the formats), in a fixed order."""
     path = Path(path)

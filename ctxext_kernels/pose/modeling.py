@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
+ROPE_TYPES = ("linear", "ntk", "dynamic", "yarn", "llama3")
 
 
 def split_model_path(path: str | Path) -> tuple[str, dict]:
@@ -50,13 +50,40 @@ def rope_base_parameters(config) -> dict:
     return dict(parameters)
 
 
+def scale_factor(config, target_length: int, factor: float | None = None,
+                 trained_window: int | None = None) -> tuple[float, int]:
+    """`(factor, trained_window)`: the RoPE scale factor (default `target_length / trained_window`, checked >= 1) and
+    the trained window (default the config's original window or `max_position_embeddings`)."""
+    if trained_window is None:
+        trained_window = rope_base_parameters(config).get("original_max_position_embeddings") or \
+            config.max_position_embeddings
+    if trained_window < 1:
+        raise ValueError(f"trained window must be >= 1 token, got {trained_window}")
+    factor = factor if factor is not None else target_length / trained_window
+    if not math.isfinite(factor) or factor < 1:
+        raise ValueError(f"rope factor {factor:g} < 1: the target length {target_length} is inside the trained window "
+                         f"{trained_window}; pass a larger target, or --trained-window / --rope-factor explicitly")
+    return float(factor), int(trained_window)
+
+
+def rotary_dim(config, parameters: dict) -> int:
+    """d, the rotated channels per head (`head_dim x partial_rotary_factor`, as transformers computes it)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return int(head_dim * parameters.get("partial_rotary_factor", 1.0))
+
+
 def extended_rope_parameters(config, rope_type: str, target_length: int, factor: float | None = None,
                              trained_window: int | None = None) -> dict:
     """RoPE parameters scaling the model's trained window to `target_length`.
 
     Parameters
     ----------
-    rope_type : {"linear", "dynamic", "yarn", "llama3"}
+    rope_type : {"linear", "ntk", "dynamic", "yarn", "llama3"}
+        "ntk" is static NTK-aware scaling, the paper's NTK (PoSE section 2.2): one new base
+        `rope_theta' = rope_theta x factor^(d/(d-2))` (d = rotary dim) for every position, which stretches the lowest
+        frequency by exactly `factor`. It is written as rope_type "default" with that rope_theta, so stock
+        transformers loads it. ("dynamic" is transformers' dynamic NTK: it only rescales positions beyond
+        `max_position_embeddings`.)
     factor : float, optional
         Scale factor; default `target_length / trained_window`.
     trained_window : int, optional
@@ -65,24 +92,37 @@ def extended_rope_parameters(config, rope_type: str, target_length: int, factor:
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"rope_type must be one of {ROPE_TYPES}, got {rope_type!r}")
     base = rope_base_parameters(config)
-    if trained_window is None:
-        trained_window = base.get("original_max_position_embeddings") or config.max_position_embeddings
-    if trained_window < 1:
-        raise ValueError(f"trained window must be >= 1 token, got {trained_window}")
-    factor = factor if factor is not None else target_length / trained_window
-    if not math.isfinite(factor) or factor < 1:
-        raise ValueError(f"rope factor {factor:g} < 1: the target length {target_length} is inside the trained window "
-                         f"{trained_window}; pass a larger target, or --trained-window / --rope-factor explicitly")
-    parameters = {"rope_type": rope_type, "rope_theta": base["rope_theta"], "factor": float(factor)}
-    if "partial_rotary_factor" in base:
-        parameters["partial_rotary_factor"] = base["partial_rotary_factor"]
+    factor, trained_window = scale_factor(config, target_length, factor, trained_window)
+    partial = {"partial_rotary_factor": base["partial_rotary_factor"]} if "partial_rotary_factor" in base else {}
+    if rope_type == "ntk":
+        d = rotary_dim(config, base)
+        if d <= 2:
+            raise ValueError(f"rope_type 'ntk' needs a rotary dim > 2 (the exponent is d/(d-2)), this model has {d}")
+        return {"rope_type": "default", "rope_theta": base["rope_theta"] * factor ** (d / (d - 2)), **partial}
+    parameters = {"rope_type": rope_type, "rope_theta": base["rope_theta"], "factor": factor, **partial}
     if rope_type != "linear":
         # these types keep the original window in the config: dynamic NTK grows from it, YaRN and llama3 pick which
         # frequencies to interpolate by comparing wavelengths against it
-        parameters["original_max_position_embeddings"] = int(trained_window)
+        parameters["original_max_position_embeddings"] = trained_window
     if rope_type == "llama3":
         parameters.update(low_freq_factor=1.0, high_freq_factor=4.0)
     return parameters
+
+
+def describe_rope_scaling(path: str | Path, rope_type: str, target_length: int, factor: float | None = None,
+                          trained_window: int | None = None) -> dict:
+    """What `load_model(path, rope_type=...)` does to the RoPE, for a training record: the requested type and
+    factor, the trained window, the model's own rope_theta and the parameters written into the config (for "ntk" a
+    "default" RoPE with a larger rope_theta, so the config alone no longer says it was NTK-scaled)."""
+    from transformers import AutoConfig
+
+    folder, kwargs = split_model_path(path)
+    config = AutoConfig.from_pretrained(folder, **kwargs)
+    scale, window = scale_factor(config, target_length, factor, trained_window)
+    return {"rope_type": rope_type, "factor": scale, "trained_window": window,
+            "original_rope_theta": rope_base_parameters(config)["rope_theta"],
+            "config_rope_parameters": extended_rope_parameters(config, rope_type, target_length, factor,
+                                                               trained_window)}
 
 
 def set_rope_parameters(config, parameters: dict, max_position_embeddings: int) -> None:
@@ -122,6 +162,16 @@ def load_model(path: str | Path, *, rope_type: str | None = None, target_length:
             detach_gguf_quantizer(model)
         tokenizer = AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
     return model, tokenizer
+
+
+def leading_bos(tokenizer) -> int | None:
+    """The BOS token id the tokenizer puts before every text it encodes (through `add_bos_token` or its
+    post-processor), or None when it has none or adds none: asked by encoding a text, so either mechanism counts."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
 
 
 @contextlib.contextmanager

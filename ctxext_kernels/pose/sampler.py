@@ -70,7 +70,14 @@ class PoseSampler:
         N = 2 the first chunk has l_0 ~ U{1, ..., Lc-1} tokens and half of all tokens sit in the skipped chunk.
         "authors" (their released training code, N = 2 only): l_0 ~ U{1, ..., ceil(Lc/2)}, so three quarters of the
         tokens sit in the skipped chunk, which trains long distances more often.
-    method : {"pose", "full", "randpos"}
+    bos_token_id : int, optional
+        The BOS token the tokenizer puts before every document (None: it adds none). Documents are passed without
+        it; every sample then starts with BOS at position 0, as in the authors' code, where the tokenizer adds BOS and
+        the first chunk starts the document: "pose"/"contiguous" sample the document with BOS prepended (the first
+        chunk opens with BOS at position 0), "full"/"randpos" take L-1 contiguous tokens after a BOS at position 0
+        ("randpos" draws the other L-1 positions from [1, Lt)). A document needs `min_document_length` tokens either
+        way.
+    method : {"pose", "full", "randpos", "contiguous"}
         "full": the full-length baseline, Lt contiguous tokens (random offset) with positions 0 ... Lt-1.
         "randpos": the paper's RandPos baseline, Lc contiguous tokens (random offset) with Lc distinct positions drawn
         uniformly from [0, Lt) and sorted.
@@ -80,7 +87,7 @@ class PoseSampler:
     """
 
     def __init__(self, original_window: int, target_length: int, num_chunks: int = 2, content: str = "random",
-                 seed: int = 0, method: str = "pose", chunk_lengths: str = "paper"):
+                 seed: int = 0, method: str = "pose", chunk_lengths: str = "paper", bos_token_id: int | None = None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if content not in CONTENT_STRATEGIES:
@@ -104,6 +111,7 @@ class PoseSampler:
         self.content = content
         self.chunk_lengths = chunk_lengths
         self.method = method
+        self.bos_token_id = bos_token_id
         self.seed = seed
         self._rng = np.random.Generator(np.random.PCG64(seed))
 
@@ -178,16 +186,19 @@ class PoseSampler:
             raise ValueError(f"tokens must be a 1-D integer tensor, got {tuple(tokens.shape)} {tokens.dtype}")
         tokens = tokens.long()
         self._check_document(tokens.numel())
+        bos = [] if self.bos_token_id is None else [self.bos_token_id]
         if self.method in ("pose", "contiguous"):
+            tokens = torch.cat([tokens.new_tensor(bos), tokens])  # the document as the tokenizer encodes it
             layout = self.draw_layout(tokens.numel())
             return tokens[layout.token_indices()], layout.position_ids()
-        length = self.sample_length
+        length = self.sample_length - len(bos)
         start = self._uniform(0, tokens.numel() - length)
-        input_ids = tokens[start:start + length]
+        input_ids = torch.cat([tokens.new_tensor(bos), tokens[start:start + length]])
         if self.method == "full":
-            return input_ids, torch.arange(length)
-        positions = np.sort(self._rng.choice(self.target_length, size=length, replace=False))
-        return input_ids, torch.from_numpy(positions).long()
+            return input_ids, torch.arange(input_ids.numel())
+        # BOS keeps position 0; the content's positions are distinct draws from the rest of [0, Lt)
+        positions = len(bos) + np.sort(self._rng.choice(self.target_length - len(bos), size=length, replace=False))
+        return input_ids, torch.from_numpy(np.concatenate([np.zeros(len(bos), np.int64), positions])).long()
 
     def _check_document(self, document_length: int) -> None:
         if document_length < self.min_document_length:
@@ -199,12 +210,20 @@ class PoseSampler:
 
 
 class PoseCollator:
-    """Turn documents into training batches `{input_ids, labels, position_ids}`, each `[B, samples_per_row * L]`.
+    """Turn documents into training batches `{input_ids, labels, position_ids[, attention_mask]}`, each
+    `[B, samples_per_row * L]`.
+
+    One sample per row (the default) comes with an all-ones `attention_mask`, and it is not decoration: transformers
+    >= 5, given position ids but no mask and no cache (i.e. in training), reads every place where the ids do not step
+    by one as the start of another packed sequence and blocks attention across it, which would cut each PoSE chunk off
+    from the chunks before it. With the mask each row is one causal sequence.
 
     With `samples_per_row > 1` consecutive samples are packed into one row; the position ids restart with every sample
     (each PoSE sample starts at position 0) and the first label of every packed sample after the first is -100, so no
-    token is trained to predict the start of an unrelated sample. Attention only stays within a sample when the
-    attention backend splits rows at those restarts (packed flash-attention does; plain SDPA does not).
+    token is trained to predict the start of an unrelated sample. Such rows get no mask: attention must stay within a
+    sample but cross PoSE's skips, which only a backend that splits rows at restarts alone does
+    (`attn_implementation="ctxext"` on a batch of one row, or flash-attention with `cu_seqlens`); stock transformers
+    5 splits at the skips too.
 
     Parameters
     ----------
@@ -230,5 +249,8 @@ class PoseCollator:
         if self.samples_per_row > 1:
             labels.view(-1, self.samples_per_row, labels.shape[-1])[:, 1:, 0] = -100
         rows = len(documents) // self.samples_per_row
-        return {"input_ids": input_ids.reshape(rows, -1), "labels": labels.reshape(rows, -1),
-                "position_ids": position_ids.reshape(rows, -1)}
+        batch = {"input_ids": input_ids.reshape(rows, -1), "labels": labels.reshape(rows, -1),
+                 "position_ids": position_ids.reshape(rows, -1)}
+        if self.samples_per_row == 1:
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        return batch

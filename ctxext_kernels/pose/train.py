@@ -1,9 +1,10 @@
 """`ctxext-train`: PoSE (or full-length / RandPos) fine-tuning of a RoPE causal LM to a longer context.
 
-A thin loop on plain PyTorch + transformers: AdamW, linear warm-up then constant learning rate (the paper's recipe:
-lr 2e-5, 10 warm-up steps, global batch 64, 1000 steps), gradient accumulation, bf16 autocast on GPU, optional gradient
-checkpointing, DDP or FSDP2 (`fully_shard`) under torchrun. The result is a transformers model folder with the new RoPE
-scaling.
+A thin loop on plain PyTorch + transformers: AdamW, the learning rate warmed up linearly then decayed linearly to 0 at
+the last step (the authors' recipe, transformers' `get_linear_schedule_with_warmup`: lr 2e-5, 10 warm-up steps, global
+batch 64, 1000 steps; `--schedule constant` holds it after the warm-up instead), gradient accumulation, bf16 autocast
+on GPU, optional gradient checkpointing, DDP or FSDP2 (`fully_shard`) under torchrun. Every sample starts with the
+BOS token the tokenizer adds, at position 0. The result is a transformers model folder with the new RoPE scaling.
 
 Reliability: every setting is checked before the model loads; one run at a time owns --output (OUTPUT/.lock).
 Checkpoints (see `checkpoint.py`) hold everything a resumed run needs to continue bit for bit, carry SHA-256 sums and
@@ -39,19 +40,20 @@ from .checkpoint import (Checkpoint, CheckpointError, checkpoint_folders, newest
 from .cli import (TEMPORARY_PREFIX, atomic_write_text, check_output_folder, context_length, disk_space_errors,
                   fsync_folder, non_negative_float, non_negative_int, output_lock, positive_float, positive_int,
                   rope_factor, run_cli, settings_record, warn)
-from .data import DocumentStream, fingerprint, python_docs_path, read_texts, tokenize_documents
-from .modeling import ROPE_TYPES, load_model, select_rope, split_model_path
-from .sampler import CONTENT_STRATEGIES, METHODS, PoseCollator, PoseSampler
+from .data import DocumentStream, fingerprint, is_heldout, python_docs_path, read_texts, tokenize_documents
+from .modeling import ROPE_TYPES, describe_rope_scaling, leading_bos, load_model, select_rope, split_model_path
+from .sampler import CHUNK_LENGTH_RULES, CONTENT_STRATEGIES, METHODS, PoseCollator, PoseSampler
 
 PROG = "ctxext-train"
 # settings that decide what a step computes: a resumed run must keep them (it is refused otherwise, naming them);
 # every other setting may change on resume and each stretch of the run is recorded with its own settings
-RESUME_MUST_MATCH = ("method", "original_window", "target_length", "num_chunks", "content", "rope_type",
-                     "rope_factor", "trained_window", "lr", "warmup_steps", "weight_decay", "max_grad_norm",
-                     "global_batch", "micro_batch", "seed", "lora_rank", "lora_alpha")
+RESUME_MUST_MATCH = ("method", "original_window", "target_length", "num_chunks", "content", "chunk_lengths",
+                     "rope_type", "rope_factor", "trained_window", "lr", "schedule", "warmup_steps", "weight_decay",
+                     "max_grad_norm", "global_batch", "micro_batch", "seed", "lora_rank", "lora_alpha")
 # config entries that name a file or a run-time switch rather than the model
 VOLATILE_CONFIG_KEYS = ("transformers_version", "use_cache", "dtype", "torch_dtype", "output_attentions",
                         "output_hidden_states", "return_dict")
+SCHEDULES = ("linear", "constant")
 RECORD_FILE = "pose_training.json"  # written last into OUTPUT: present only when the whole model is
 LORA_OUTPUTS = ("merged", "adapter")
 
@@ -70,12 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Lt: context length to extend to (at most 2^24)")
     p.add_argument("--num-chunks", type=positive_int, default=2)
     p.add_argument("--content", choices=CONTENT_STRATEGIES, default="random")
+    p.add_argument("--chunk-lengths", choices=CHUNK_LENGTH_RULES, default="paper",
+                   help="how PoSE cuts Lc into chunks: paper = a uniformly random composition (the paper's appendix; "
+                        "the default, since it is the published method), authors = their released code's two-chunk "
+                        "rule l_0 ~ U{1..ceil(Lc/2)}, which puts 3/4 of the tokens in the skipped chunk")
     p.add_argument("--rope-type", choices=ROPE_TYPES, default="linear")
     p.add_argument("--rope-factor", type=rope_factor, default=None,
                    help="RoPE scale factor >= 1 (default: target length / the model's trained window)")
     p.add_argument("--trained-window", type=positive_int, default=None,
                    help="the context the model was trained on (default: its max_position_embeddings)")
     p.add_argument("--lr", type=positive_float, default=2e-5)
+    p.add_argument("--schedule", choices=SCHEDULES, default="linear",
+                   help="learning rate after the warm-up: linear = decay to 0 at the last step (the authors' HF "
+                        "Trainer default), constant = hold --lr")
     p.add_argument("--warmup-steps", type=non_negative_int, default=10)
     p.add_argument("--steps", type=positive_int, default=1000, help="optimizer steps")
     p.add_argument("--global-batch", type=positive_int, default=64, help="samples per optimizer step (all ranks)")
@@ -98,7 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=positive_int, default=2)
     p.add_argument("--resume", default="auto",
                    help="'auto' (latest checkpoint in OUTPUT/checkpoints if any), 'never', or a checkpoint folder")
+    p.add_argument("--split", choices=("train", "all"), default="train",
+                   help="train (default): skip the held-out 1-in-10 documents ctxext-eval scores by default; all: "
+                        "every document")
     p.add_argument("--max-documents", type=positive_int, default=None, help="use at most this many documents")
+    p.add_argument("--min-document-tokens", type=positive_int, default=None,
+                   help="skip documents shorter than this (default: what one sample of --method needs, Lt for full "
+                        "and --content same, Lc otherwise); to train two methods on the same documents, e.g. PoSE "
+                        "against the full-length baseline at the same Lt, pass the larger need (Lt) to both")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--no-kernels", action="store_true", help="keep stock transformers RoPE")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -119,6 +135,19 @@ def validate_settings(args, world_size: int) -> None:
     if args.num_chunks > args.original_window:
         raise ValueError(f"--num-chunks {args.num_chunks} is more than --original-window {args.original_window} "
                          "tokens (every chunk holds one token at least)")
+    if args.chunk_lengths == "authors" and args.method in ("pose", "contiguous") and args.num_chunks != 2:
+        raise ValueError(f"--chunk-lengths authors is the authors' two-chunk rule; it needs --num-chunks 2, got "
+                         f"{args.num_chunks}")
+    need = PoseSampler(args.original_window, args.target_length, args.num_chunks, args.content, method=args.method,
+                       chunk_lengths=args.chunk_lengths).min_document_length
+    if args.min_document_tokens is not None and args.min_document_tokens < need:
+        raise ValueError(f"--min-document-tokens {args.min_document_tokens} is less than the {need} tokens one "
+                         f"--method {args.method} sample needs (Lc={args.original_window}, Lt={args.target_length})")
+    if args.rope_type == "dynamic":
+        raise ValueError("--rope-type dynamic cannot train a window: the saved config says max_position_embeddings = "
+                         "--target-length, and dynamic NTK only rescales positions beyond that, so every training "
+                         "position would see the original RoPE; use --rope-type ntk (static NTK, the paper's: "
+                         "rope_theta x factor^(d/(d-2)))")
     check_output_folder(args.output)
     split_model_path(args.model)
     data = args.data or python_docs_path()
@@ -265,21 +294,28 @@ def find_resume_checkpoint(args, folder: Path, main: bool, report) -> Checkpoint
 
 def check_resume_settings(checkpoint: Checkpoint, args) -> None:
     """Refuse a resume whose settings would change what the remaining steps compute, naming each difference."""
+    if checkpoint.step > args.steps:
+        raise ValueError(f"checkpoint {checkpoint.path} is at step {checkpoint.step}, past --steps {args.steps}: "
+                         f"pass --steps {checkpoint.step} or more, or start a new run with --output elsewhere")
     saved = checkpoint.meta["segments"][-1]["settings"]
     now = settings_record(args)
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)} in the checkpoint, {now[k]} now" for k in RESUME_MUST_MATCH
+    # the linear decay reaches 0 at --steps, so every step's learning rate depends on it
+    must_match = RESUME_MUST_MATCH + (("steps",) if args.schedule == "linear" else ())
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} in the checkpoint, {now[k]} now" for k in must_match
                if saved.get(k) != now[k]]
     if changed:
         raise ValueError(f"checkpoint {checkpoint.path} was written with other settings: {'; '.join(changed)}. Resume "
                          "with the checkpoint's settings, or start a new run with --output elsewhere")
-    if checkpoint.step > args.steps:
-        raise ValueError(f"checkpoint {checkpoint.path} is at step {checkpoint.step}, past --steps {args.steps}: "
-                         f"pass --steps {checkpoint.step} or more, or start a new run with --output elsewhere")
 
 
-def check_resume_inputs(checkpoint: Checkpoint, data_sha256: str, documents: int, model_config: dict) -> None:
-    """Refuse a resume on other training data (token-stream SHA-256) or another model config."""
+def check_resume_inputs(checkpoint: Checkpoint, data_sha256: str, documents: int, model_config: dict,
+                        bos_token_id: int | None) -> None:
+    """Refuse a resume on other training data (token-stream SHA-256, the BOS each sample starts with) or another
+    model config."""
     meta = checkpoint.meta
+    if meta.get("bos_token_id") != bos_token_id:
+        raise ValueError(f"checkpoint {checkpoint.path} was trained with BOS token {meta.get('bos_token_id')} first in "
+                         f"every sample, this tokenizer adds {bos_token_id}; resume with the same tokenizer")
     if meta["data_sha256"] != data_sha256:
         raise ValueError(f"checkpoint {checkpoint.path} was trained on other data: token stream SHA-256 "
                          f"{meta['data_sha256'][:16]}... ({meta['data']['num_documents']} documents) in the "
@@ -337,13 +373,24 @@ def open_metrics(path: Path, resumed_step: int):
     return path.open("a")
 
 
-def warmup_then_constant(warmup_steps: int):
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+def lr_multiplier(schedule: str, warmup_steps: int, total_steps: int):
+    """The `LambdaLR` multiplier of --lr for 0-based optimizer step k.
+
+    linear: k / warmup during the warm-up (step 0 trains at lr 0, as in transformers' `get_linear_schedule_with_warmup`
+    that the authors' HF Trainer runs), then (total - k) / (total - warmup), reaching 0 at the end.
+    constant: (k + 1) / warmup during the warm-up, then 1."""
+    if schedule == "constant":
+        return lambda k: min(1.0, (k + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    return lambda k: k / max(1, warmup_steps) if k < warmup_steps else \
+        max(0.0, (total_steps - k) / max(1, total_steps - warmup_steps))
 
 
 def load_documents(args, tokenizer, min_tokens: int, progress: bool) -> list[torch.Tensor]:
     data = args.data or python_docs_path()
-    documents, skipped = tokenize_documents(read_texts(data), tokenizer, min_tokens, args.max_documents, progress)
+    texts = read_texts(data)
+    if args.split == "train":  # the held-out tenth is ctxext-eval's default evaluation text
+        texts = (text for text in texts if not is_heldout(text))
+    documents, skipped = tokenize_documents(texts, tokenizer, min_tokens, args.max_documents, progress)
     if progress:
         print(f"[{PROG}] {len(documents)} documents from {data} ({skipped} shorter than {min_tokens} tokens "
               "skipped)", file=sys.stderr)
@@ -359,7 +406,7 @@ def train(args, model=None, tokenizer=None) -> Path:
     runtime = Runtime()
     validate_settings(args, runtime.world_size)
     sampler = PoseSampler(args.original_window, args.target_length, args.num_chunks, args.content, args.seed,
-                          args.method)
+                          args.method, chunk_lengths=args.chunk_lengths)
     with output_lock(args.output, PROG) if runtime.main else contextlib.nullcontext():
         return _train(args, runtime, sampler, model, tokenizer)
 
@@ -376,6 +423,8 @@ def _train(args, runtime: Runtime, sampler: PoseSampler, model, tokenizer) -> Pa
     runtime.barrier()  # rank 0 has set corrupt checkpoints aside
     torch.manual_seed(args.seed)
 
+    rope_scaling = describe_rope_scaling(args.model, args.rope_type, args.target_length, args.rope_factor,
+                                         args.trained_window)
     if model is None:
         model, tokenizer = load_model(args.model, rope_type=args.rope_type, target_length=args.target_length,
                                       rope_factor=args.rope_factor, trained_window=args.trained_window,
@@ -387,16 +436,19 @@ def _train(args, runtime: Runtime, sampler: PoseSampler, model, tokenizer) -> Pa
     model.config.use_cache = False
     model_config = model_identity(model.config)
     model = add_lora(model, args)
-    documents = load_documents(args, tokenizer, sampler.min_document_length, progress)
+    # every sample starts with the BOS the tokenizer adds, at position 0, as the authors' samples do
+    sampler.bos_token_id = leading_bos(tokenizer)
+    documents = load_documents(args, tokenizer, args.min_document_tokens or sampler.min_document_length, progress)
     data_sha256 = fingerprint(documents)
     if resume is not None:
-        check_resume_inputs(resume, data_sha256, len(documents), model_config)
+        check_resume_inputs(resume, data_sha256, len(documents), model_config, sampler.bos_token_id)
     stream = DocumentStream(documents, args.seed)
     collator = PoseCollator(sampler)
 
     wrapped = wrap_model(model, runtime, args.fsdp)
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_constant(args.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(args.schedule, args.warmup_steps,
+                                                                           args.steps))
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and runtime.device.type == "cuda")
     autocast = (lambda: torch.autocast(runtime.device.type, dtype=torch.bfloat16)) if use_bf16 else \
         contextlib.nullcontext
@@ -455,12 +507,13 @@ def _train(args, runtime: Runtime, sampler: PoseSampler, model, tokenizer) -> Pa
             kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
             raise RuntimeError(f"step {step + 1}: the loss is {loss_value} and the gradient norm {grad_value}; "
                                f"stopped before the optimizer step, {kept} (lower --lr or check the data)")
+        lr = scheduler.get_last_lr()[0]  # the rate this step trains with
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         seconds = time.perf_counter() - started
-        record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_value,
+        record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_value,
                   "tokens_per_s": tokens / seconds, "step_s": seconds, "peak_mem_mib": peak_memory_mib(runtime.device)}
         if metrics_file:
             with disk_space_errors(args.output):
@@ -477,7 +530,8 @@ def _train(args, runtime: Runtime, sampler: PoseSampler, model, tokenizer) -> Pa
                     {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                      "torch_rng": torch.get_rng_state()},
                     {"sampler": sampler.state_dict(), "data": stream.state_dict(), "data_sha256": data_sha256,
-                     "model_config": model_config, "segments": segments}, args.keep_checkpoints)
+                     "bos_token_id": sampler.bos_token_id, "model_config": model_config, "segments": segments},
+                    args.keep_checkpoints)
             runtime.barrier()
     bar.close()
     if metrics_file:
@@ -486,8 +540,9 @@ def _train(args, runtime: Runtime, sampler: PoseSampler, model, tokenizer) -> Pa
     model_state, _ = model_optimizer_state(wrapped, optimizer, args.fsdp) if args.fsdp else (None, None)
     if runtime.main:
         save_final_model(model, tokenizer, args, model_state,
-                         {"settings": settings_record(args), "segments": segments, "steps": step,
-                          "data": {"sha256": data_sha256, "documents": len(documents)}})
+                         {"settings": settings_record(args), "rope_scaling": rope_scaling, "segments": segments,
+                          "steps": step, "data": {"sha256": data_sha256, "documents": len(documents),
+                                                  "bos_token_id": sampler.bos_token_id}})
     runtime.barrier()
     return args.output
 
