@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> Path:
     settings.update(original_window=original_window, samples_per_step=samples, step="forward+backward",
                     repeats=repeats, max_ms=MAX_MS)
     report = harness.Report(
-        harness.report_name(BENCHMARK, args), settings, args.output,
+        harness.report_name("bench_pose_vs_full", args), settings, args.output,
         [(step_case(method, original_window, n, samples), method) for n in lengths for method in ("pose", "full")],
         time_budget=args.time_budget, device="cuda" if on_gpu else "cpu", x="target_length",
         y="peak_mib" if on_gpu else "saved_activations_mib", plots=(("_time", "ms_p50"),),

@@ -468,9 +468,9 @@ class Report:
                   "skipped": sum(1 for r in rows if r.skipped) - not_run,
                   "measured": sum(1 for r in rows if not r.skipped), "seconds": round(self.deadline.elapsed(), 1),
                   "time_budget": self.deadline.seconds}
-        write_json(self.output / f"{self.name}.json",
-                   {"benchmark": self.name, "device": self.info, "settings": self.settings, "status": status,
-                    "results": [dataclasses.asdict(r) for r in rows]})
+        _atomic_write(self.output / f"{self.name}.json", json.dumps(
+            {"benchmark": self.name, "device": self.info, "settings": self.settings, "status": status,
+             "results": [dataclasses.asdict(r) for r in rows]}, indent=1) + "\n")
         table = markdown_table(self.name, self.info, self.settings, rows, self.columns)
         if self.appendix:
             table += "\n" + self.appendix(rows)
@@ -492,10 +492,6 @@ def _atomic_write(path: Path, text: str) -> None:
     scratch = path.with_name(f".{path.name}.tmp")
     scratch.write_text(text)
     scratch.replace(path)
-
-
-def write_json(path: Path, data: dict) -> None:
-    _atomic_write(path, json.dumps(data, indent=1) + "\n")
 
 
 def random_llama(shape: dict, *, layers: int | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",

@@ -130,8 +130,8 @@ EOF
 log "run_all.sh --stage $STAGE$([ "$SMOKE" = 1 ] && echo " --smoke") -> $RESULTS"
 
 # ------------------------------------------------------------------------------------------------------- helpers
-# run_step STAGE NAME BUDGET COMMAND...: run COMMAND under `timeout BUDGET`, output to logs/NAME.log (and the
-# console), record the time it took, re-pack the results
+# run_step STAGE NAME BUDGET COMMAND...: run COMMAND under `timeout BUDGET`, its output into logs/NAME.log (the tail
+# on the console when it fails), record the time it took, re-pack the results
 run_step() {
     local stage="$1" name="$2" budget="$3" start status took
     shift 3

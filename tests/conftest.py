@@ -7,17 +7,23 @@
 GPU tests: a test that runs kernels on CUDA tensors carries the `gpu` marker (`@pytest.mark.gpu` on the test, or
 `pytest.param(..., marks=pytest.mark.gpu)` on its GPU parameters). `pytest -m gpu` selects exactly them: that is how
 benchmarks/run_all.sh's first stage on a lent GPU finds every GPU test, a new one included, and nothing else. Without a
-GPU they skip here. With CTXEXT_REQUIRE_GPU=1 (that stage sets it) a GPU test that skips fails instead: on a GPU
-machine a skip means a backend did not build or load.
+GPU they skip here. Two guards keep the marker honest:
+- an unmarked test that skips for want of a GPU (its reason names a GPU or a CUDA device) fails: the GPU run would
+  never select it;
+- with CTXEXT_REQUIRE_GPU=1 (the GPU stage sets it) a `gpu` test that skips fails: on a GPU machine a skip means a
+  backend did not build or load.
 """
 
 import os
+import re
 
 import pytest
 
 if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidia0"):
     os.environ["TRITON_INTERPRET"] = "1"
 os.environ["CTXEXT_NO_PATCH"] = "1"
+
+SKIPPED_FOR_A_GPU = re.compile(r"\bGPU\b|CUDA device")
 
 
 def pytest_configure(config):
@@ -36,8 +42,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     report = (yield).get_result()
-    if report.skipped and os.environ.get("CTXEXT_REQUIRE_GPU") == "1" and item.get_closest_marker("gpu"):
-        reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+    if not report.skipped or report.longrepr is None:
+        return
+    reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    if item.get_closest_marker("gpu"):
+        if os.environ.get("CTXEXT_REQUIRE_GPU") == "1":
+            report.outcome = "failed"
+            report.longrepr = f"a GPU test skipped on the GPU run (CTXEXT_REQUIRE_GPU=1): {reason}"
+    elif SKIPPED_FOR_A_GPU.search(reason):
         report.outcome = "failed"
-        report.longrepr = ("a GPU test skipped on the GPU run (CTXEXT_REQUIRE_GPU=1): "
-                           + reason.removeprefix("Skipped: "))
+        report.longrepr = (f"skipped for want of a GPU ({reason}) but not marked `gpu`: the GPU run (`pytest -m gpu`, "
+                           "benchmarks/run_all.sh) would never select it; add @pytest.mark.gpu")

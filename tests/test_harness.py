@@ -144,11 +144,11 @@ def test_report_is_rewritten_after_every_row_and_marks_the_rest_not_run(tmp_path
 
 
 def test_report_time_budget_lets_the_first_row_run(tmp_path):
-    planned = [({"n": n}, "p") for n in range(3)]
+    planned = [({"n": n}, "p") for n in (4, 2, 1)]
     report = harness.Report("demo", {}, tmp_path, planned, time_budget=0, device="cpu", x="n", y="ms_p50",
                             plots=(("_again", "ms_p50"),))
     assert not report.expired()  # spent, but no row yet: every report carries at least one number
-    report.add(harness.measure("t", "p", {"n": 0}, lambda: None, repeats=1, device="cpu"))
+    report.add(harness.measure("t", "p", {"n": 4}, lambda: None, repeats=1, device="cpu"))
     assert report.expired()
     report.finish()
     data = json.loads((tmp_path / "demo.json").read_text())

@@ -12,7 +12,7 @@ import bench_pose_vs_full  # noqa: E402
 
 def test_smoke_run_writes_the_comparison(tmp_path):
     bench_pose_vs_full.main(["--smoke", "--repeats", "1", "--output", str(tmp_path)])
-    report = json.loads((tmp_path / "pose_vs_full.json").read_text())
+    report = json.loads((tmp_path / "bench_pose_vs_full.json").read_text())
     memory = {(r["provider"], r["case"]["target_length"]): r["metrics"]["saved_activations_mib"]
               for r in report["results"]}
     lengths = sorted({length for _, length in memory})
@@ -23,8 +23,8 @@ def test_smoke_run_writes_the_comparison(tmp_path):
     assert memory["full", 64] > memory["pose", 64]
     assert [r["case"]["target_length"] for r in report["results"]] == [256, 256, 128, 128, 64, 64]  # longest first
     assert report["status"] == {**report["status"], "finished": True, "measured": 6, "not_run": 0}
-    for name in ("pose_vs_full.json", "pose_vs_full.md", "pose_vs_full.png", "pose_vs_full_time.png"):
-        assert (tmp_path / name).exists(), name
+    for suffix in (".json", ".md", ".png", "_time.png"):
+        assert (tmp_path / f"bench_pose_vs_full{suffix}").exists(), suffix
 
 
 def test_full_length_is_not_tried_past_its_first_oom(monkeypatch):

@@ -320,6 +320,7 @@ def _kv_inputs(case: KvCase):
 
 # The kernel interface below the op: rotated keys, Sk >= Sq aligned bottom-right, cu_seqlens_k. The op reaches it with
 # Sk == Sq only, so this calls the CUDA launchers of ops/attention.py directly -- on a GPU only.
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", KV_CASES, ids=str)
 def test_gpu_cuda_kernel_with_longer_rotated_keys(case):
     usable, reason = attention_backends("cuda")["cuda"]

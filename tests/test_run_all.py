@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # what each stage runs, in order (the full sweeps of stage 2 are skipped in --smoke: the same tiny shapes as stage 1)
 STAGES = {1: ["pytest_gpu", "bench_rope", "bench_attention"], 2: ["bench_model", "bench_pose_vs_full"]}
-REPORTS = ("bench_rope", "bench_attention", "bench_model", "pose_vs_full")
+REPORTS = ("bench_rope", "bench_attention", "bench_model", "bench_pose_vs_full")
 DEVICE_TOOL_FILE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
@@ -59,12 +59,40 @@ def test_smoke_run_writes_every_report_and_marks_what_its_budget_left_out(tmp_pa
     assert {f"results/{name}.json" for name in REPORTS} | {"results/run_all_stage2.md"} <= packed
 
 
-def test_gpu_test_that_skips_fails_on_the_gpu_run():
-    """CTXEXT_REQUIRE_GPU=1 (run_all.sh's GPU stage) turns the skip of a `gpu` test into a failure that says why
-    (an error: the skip happens in the test's set-up)."""
-    env = {**os.environ, "CTXEXT_REQUIRE_GPU": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "tests/test_rope.py", "-m", "gpu", "-k",
-                          "forward and decode", "-p", "no:cacheprovider", "-q"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 1 and "2 errors" in run.stdout, run.stdout[-3000:]
-    assert "a GPU test skipped on the GPU run (CTXEXT_REQUIRE_GPU=1): needs a GPU" in run.stdout
+GUARDED = """
+import pytest
+
+@pytest.mark.gpu
+def test_marked():
+    pass
+
+def test_unmarked_gpu_test():
+    pytest.skip("needs a GPU with the cuda backend")
+
+def test_other_skip():
+    pytest.skip("gguf is not installed")
+"""
+
+
+def test_conftest_keeps_the_gpu_marker_honest(tmp_path):
+    """tests/conftest.py: without a GPU a `gpu` test skips, and an unmarked test that skips for want of a GPU fails (the
+    GPU run would never select it); with CTXEXT_REQUIRE_GPU=1 (run_all.sh's GPU stage) a `gpu` test that skips fails
+    too (an error: the skip happens in its set-up)."""
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    (tmp_path / "test_guarded.py").write_text(GUARDED)
+
+    def outcomes(require_gpu: str) -> str:
+        env = {**os.environ, "CTXEXT_REQUIRE_GPU": require_gpu}
+        run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "test_guarded.py"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        return run.stdout
+
+    cpu = outcomes("0")
+    assert "SKIPPED [1] test_guarded.py:4: needs a GPU (torch sees no CUDA device)" in cpu, cpu
+    assert "FAILED test_guarded.py::test_unmarked_gpu_test" in cpu
+    assert ("skipped for want of a GPU (needs a GPU with the cuda backend) but not marked `gpu`: the GPU run "
+            "(`pytest -m gpu`, benchmarks/run_all.sh) would never select it") in cpu
+    assert "SKIPPED [1] test_guarded.py:12: gguf is not installed" in cpu
+    gpu_run = outcomes("1")
+    assert "ERROR test_guarded.py::test_marked" in gpu_run
+    assert "a GPU test skipped on the GPU run (CTXEXT_REQUIRE_GPU=1): needs a GPU (torch sees no CUDA device)" in gpu_run
