@@ -10,7 +10,8 @@ stages: `ops/triton_configs.py`) a launch on that GPU would get, down to a cubin
   (`LDL`/`STL`) or it has a stack frame (`cuobjdump -res-usage`; these two also cover kernels that Triton's cache
   serves without running ptxas).
 
-The matrix: the attention kernels (forward, dQ, dK/dV) for every head_dim 64/80/96/128/256 x fp16/bf16/fp32, each
+The matrix: the attention kernels (forward, dQ, dK/dV) for every head_dim 64/80/96/128/256 x fp16/bf16 and
+64/80/96/128 x fp32 (what the Triton backend takes), each
 with one combination of the code-shaping flags (causal, packed, interleaved, partial rotary; together every flag is
 covered), and the RoPE kernel's variants; for sm_80 (A100), sm_86 (99 KB family), sm_90 (H100) and sm_100 (B200).
 
@@ -57,8 +58,10 @@ class AttentionCase:
 _FLAG_CYCLE = (dict(), dict(varlen=True, interleaved=True), dict(causal=False, partial=True),
                dict(varlen=True, partial=True), dict(causal=False, interleaved=True))
 ATTENTION_CASES = {str(c): c for c in (
-    AttentionCase(dtype, head_dim, **_FLAG_CYCLE[(i + j) % len(_FLAG_CYCLE)])
-    for i, dtype in enumerate(DTYPES) for j, head_dim in enumerate((64, 80, 96, 128, 256)))}
+    *(AttentionCase(dtype, head_dim, **_FLAG_CYCLE[(i + j) % len(_FLAG_CYCLE)])
+      for i, dtype in enumerate(DTYPES) for j, head_dim in enumerate((64, 80, 96, 128, 256))
+      if dtype != "fp32" or head_dim <= 128),  # fp32 stops at 128 (see ops/triton_configs.py)
+    AttentionCase("bf16", 128))}  # and the most common shape as it is (Llama, Mistral, Qwen: no flag)
 ROPE_CASES = {  # name: (dtype, head_dim, rotary_dim, interleaved, conjugate, exact, with_k)
     "rope bf16 half-split": (torch.bfloat16, 128, 128, False, False, True, True),
     "rope fp16 interleaved backward": (torch.float16, 64, 64, True, True, True, True),

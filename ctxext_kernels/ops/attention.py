@@ -348,8 +348,9 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_i
     backend = _pick(backend, q.device.type)
     head_dim = q.shape[-1]
     if backend == "triton":
-        if head_dim > 256:
-            raise ValueError(f"the fused Triton kernel takes head_dim up to 256, got {head_dim}")
+        limit = 128 if q.dtype == torch.float32 else 256  # fp32 at 256 spills registers (ops/triton_configs.py)
+        if head_dim > limit:
+            raise ValueError(f"the fused Triton kernel takes {q.dtype} with head_dim up to {limit}, got {head_dim}")
     if backend == "cuda":
         if q.dtype not in _DTYPE_TAGS:
             raise TypeError(f"the fused CUDA kernel takes float16 or bfloat16, got {q.dtype}; use backend='triton'")

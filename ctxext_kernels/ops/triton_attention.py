@@ -402,6 +402,11 @@ def _tile_constants(q, cu_seqlens_q) -> dict:
                 DOT_PRECISION="ieee" if mma_in_fp32 else None)
 
 
+def _gathered(q, inv_freq, interleaved: bool) -> bool:
+    """Whether the rotation needs `_turn`'s gather (pairs and columns do not line up: see `_turn`)."""
+    return not interleaved and 2 * inv_freq.numel() != max(16, triton.next_power_of_2(q.shape[-1]))
+
+
 def _rope_constants(q, inv_freq, scaling: float, interleaved: bool, exact: bool, rotate: bool) -> dict:
     """Compile-time constants of the rotation (forward prologue, dQ epilogue)."""
     return dict(ROTARY_DIM=2 * inv_freq.numel(), INTERLEAVED=interleaved, EXACT=exact, ROTATE=rotate,
@@ -425,7 +430,8 @@ def attention_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens_q, cu_s
     """Fused forward into out `[B,Sq,Hq,D]` (q's dtype) and lse `[B,Sq,Hq]` (fp32, base-2 log-sum-exp of the scaled
     scores). q `[B,Sq,Hq,D]` unrotated, k (rotated) / v `[B,Sk,Hk,D]`, positions `[B,Sq]` (the queries'), inv_freq
     fp32 `[rotary_dim/2]`; packed: B == 1 and cu_seqlens_q / cu_seqlens_k int32 `[N+1]` (both or neither)."""
-    config = triton_configs.attention_config("fwd", q.shape[-1], q.dtype, triton_configs.capability(q.device))
+    config = triton_configs.attention_config("fwd", q.shape[-1], q.dtype, triton_configs.capability(q.device),
+                                             rotate and _gathered(q, inv_freq, interleaved))
     grid = _grid(q, cu_seqlens_q, q.shape[2], config.block_m)
     if grid[0] * grid[2] == 0:
         return
@@ -437,7 +443,7 @@ def attention_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens_q, cu_s
                           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
                           *positions.stride(), q.shape[1], k.shape[1], _n_seqs(cu_seqlens_q), q.shape[2] // k.shape[2],
                           BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=causal, num_warps=config.num_warps,
-                          num_stages=config.num_stages, maxnreg=config.maxnreg, **_tile_constants(q, cu_seqlens_q),
+                          num_stages=config.num_stages, **_tile_constants(q, cu_seqlens_q),
                           **_rope_constants(q, inv_freq, scaling, interleaved, exact, rotate))
 
 
@@ -456,7 +462,8 @@ def attention_backward(grad_out, q_rot, k, v, out, lse, dq, dk, dv, positions, i
     tiles = _tile_constants(q_rot, cu_seqlens_q)
     qk_scale = float(softmax_scale) * LOG2E
     lengths = (q_rot.shape[1], k.shape[1], _n_seqs(cu_seqlens_q), n_q_heads // n_kv_heads)
-    dq_config = triton_configs.attention_config("dq", q_rot.shape[-1], q_rot.dtype, capability)
+    dq_config = triton_configs.attention_config("dq", q_rot.shape[-1], q_rot.dtype, capability,
+                                                rotate and _gathered(q_rot, inv_freq, interleaved))
     dkdv_config = triton_configs.attention_config("dkdv", q_rot.shape[-1], q_rot.dtype, capability)
     dq_grid = _grid(q_rot, cu_seqlens_q, n_q_heads, dq_config.block_m)
     dkdv_grid = _grid(k, cu_seqlens_k, n_kv_heads, dkdv_config.block_n)
@@ -467,7 +474,7 @@ def attention_backward(grad_out, q_rot, k, v, out, lse, dq, dk, dv, positions, i
                 qk_scale, float(softmax_scale), *q_rot.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                 *grad_out.stride()[:3], *out.stride()[:3], *dq.stride()[:3], *lse.stride()[:2], *positions.stride(),
                 *lengths, BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n, CAUSAL=causal,
-                num_warps=dq_config.num_warps, num_stages=dq_config.num_stages, maxnreg=dq_config.maxnreg, **tiles,
+                num_warps=dq_config.num_warps, num_stages=dq_config.num_stages, **tiles,
                 **_rope_constants(q_rot, inv_freq, scaling, interleaved, exact, rotate))
         if dkdv_grid[0] * dkdv_grid[2]:
             _bwd_dkdv_kernel[dkdv_grid](
@@ -475,4 +482,4 @@ def attention_backward(grad_out, q_rot, k, v, out, lse, dq, dk, dv, positions, i
                 *q_rot.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dk.stride()[:3],
                 *dv.stride()[:3], *lse.stride()[:2], *lengths, BLOCK_M=dkdv_config.block_m,
                 BLOCK_N=dkdv_config.block_n, CAUSAL=causal, num_warps=dkdv_config.num_warps,
-                num_stages=dkdv_config.num_stages, maxnreg=dkdv_config.maxnreg, **tiles)
+                num_stages=dkdv_config.num_stages, **tiles)

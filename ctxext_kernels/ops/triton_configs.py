@@ -8,7 +8,8 @@ benchmarks/static_analysis.py records what the compiler made of the main ones.
 Families, by the shared memory one block may opt into:
 - "sm80": A100 / A30, Jetson Orin (sm_80, sm_87): 163 KB
 - "sm86": consumer and workstation Ampere/Ada/Blackwell (sm_86, sm_89, sm_120, sm_121), and unknown GPUs: 99 KB
-- "sm90": H100/H200 and B200/GB200 (sm_90, sm_100, sm_103): 227 KB
+- "sm90": H100/H200 (sm_90): 227 KB
+- "sm100": B200/GB200/B300 (sm_100, sm_103): 227 KB; tcgen05 MMAs, its own register needs
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import dataclasses
 
 import torch
 
-SHARED_MEMORY_PER_BLOCK = {"sm80": 163 * 1024, "sm86": 99 * 1024, "sm90": 227 * 1024}
+SHARED_MEMORY_PER_BLOCK = {"sm80": 163 * 1024, "sm86": 99 * 1024, "sm90": 227 * 1024, "sm100": 227 * 1024}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,15 +28,16 @@ class Config:
     block_n: int  # key rows per tile (RoPE: heads per inner step)
     num_warps: int
     num_stages: int
-    maxnreg: int | None = None  # register cap per thread (None: ptxas decides, up to 255)
 
 
 def family(capability: tuple[int, int]) -> str:
-    """The shared-memory family of a CUDA compute capability."""
+    """The configuration family of a CUDA compute capability."""
     if capability in ((8, 0), (8, 7)):
         return "sm80"
-    if capability[0] in (9, 10):
+    if capability[0] == 9:
         return "sm90"
+    if capability[0] == 10:
+        return "sm100"
     return "sm86"
 
 
@@ -43,8 +45,10 @@ def family(capability: tuple[int, int]) -> str:
 INTERPRETER = Config(16, 16, 4, 1)
 
 # (kernel, family, "16" for fp16/bf16 or "32" for fp32, padded head_dim) -> Config. The padded head_dim is the next
-# power of two (80 and 96 run as 128 with masked columns). fp32 dots are exact fp32 ("ieee", FMA units, no tensor
-# cores), whose operands and accumulators live in registers: much smaller tiles.
+# power of two (80 and 96 run as 128 with masked columns). Chosen by compiling candidates for each family (largest
+# tiles first) and keeping the first without spills within the family's shared memory; sm_90's forward at 128 keeps
+# two blocks per SM (4 warps, <= 255 registers, <= 113 KB). fp32 dots are exact fp32 ("ieee": FMA units, no tensor
+# cores), whose operands live in registers: much smaller tiles.
 _ATTENTION = {
     # forward: Q tile [BM, D] resident, K/V tiles [BN, D] streamed through `num_stages` buffers
     ("fwd", "sm90", "16", 64): Config(128, 64, 4, 3),
@@ -52,7 +56,7 @@ _ATTENTION = {
     ("fwd", "sm90", "16", 256): Config(64, 64, 8, 2),
     ("fwd", "sm80", "16", 64): Config(64, 64, 4, 3),
     ("fwd", "sm80", "16", 128): Config(64, 64, 8, 3),
-    ("fwd", "sm80", "16", 256): Config(64, 32, 8, 2),
+    ("fwd", "sm80", "16", 256): Config(64, 64, 8, 2),
     ("fwd", "sm86", "16", 64): Config(64, 64, 4, 3),
     ("fwd", "sm86", "16", 128): Config(64, 64, 8, 2),
     ("fwd", "sm86", "16", 256): Config(64, 32, 8, 1),
@@ -60,37 +64,51 @@ _ATTENTION = {
     ("dq", "sm90", "16", 64): Config(64, 64, 4, 2),
     ("dq", "sm90", "16", 128): Config(64, 64, 8, 2),
     ("dq", "sm90", "16", 256): Config(64, 32, 8, 2),
-    ("dq", "sm80", "16", 64): Config(64, 64, 4, 2),
+    ("dq", "sm80", "16", 64): Config(64, 32, 4, 2),
     ("dq", "sm80", "16", 128): Config(64, 64, 8, 2),
     ("dq", "sm80", "16", 256): Config(64, 32, 8, 2),
-    ("dq", "sm86", "16", 64): Config(64, 64, 4, 2),
-    ("dq", "sm86", "16", 128): Config(64, 32, 8, 2),
-    ("dq", "sm86", "16", 256): Config(32, 32, 8, 1),
+    ("dq", "sm86", "16", 64): Config(64, 32, 4, 2),
+    ("dq", "sm86", "16", 128): Config(64, 64, 8, 2),
+    ("dq", "sm86", "16", 256): Config(64, 32, 8, 1),
     # dK/dV: K, V tiles [BN, D] resident with their two fp32 accumulators; Q, dO tiles [BM, D] streamed
-    ("dkdv", "sm90", "16", 64): Config(64, 64, 4, 2),
-    ("dkdv", "sm90", "16", 128): Config(64, 64, 8, 2),
-    ("dkdv", "sm90", "16", 256): Config(32, 32, 8, 2),
-    ("dkdv", "sm80", "16", 64): Config(64, 64, 4, 2),
-    ("dkdv", "sm80", "16", 128): Config(64, 64, 8, 2),
+    ("dkdv", "sm90", "16", 64): Config(32, 64, 4, 2),
+    ("dkdv", "sm90", "16", 128): Config(32, 64, 8, 2),
+    ("dkdv", "sm90", "16", 256): Config(32, 32, 8, 1),
+    ("dkdv", "sm80", "16", 64): Config(32, 64, 8, 2),
+    ("dkdv", "sm80", "16", 128): Config(32, 64, 8, 2),
     ("dkdv", "sm80", "16", 256): Config(32, 32, 8, 2),
-    ("dkdv", "sm86", "16", 64): Config(64, 64, 4, 2),
+    ("dkdv", "sm86", "16", 64): Config(32, 64, 8, 2),
     ("dkdv", "sm86", "16", 128): Config(32, 64, 8, 2),
     ("dkdv", "sm86", "16", 256): Config(32, 32, 8, 1),
 }
-for _family in SHARED_MEMORY_PER_BLOCK:
-    for _kernel in ("fwd", "dkdv", "dq"):
-        _ATTENTION[(_kernel, _family, "32", 64)] = Config(32, 32, 4, 2)
-        _ATTENTION[(_kernel, _family, "32", 128)] = Config(32, 32, 4, 2)
-        _ATTENTION[(_kernel, _family, "32", 256)] = Config(16, 16, 4, 2)
+_ATTENTION.update({(kernel, "sm100", "16", dim): config for (kernel, family, _, dim), config in _ATTENTION.items()
+                   if family == "sm90"})
+_ATTENTION[("fwd", "sm100", "16", 64)] = Config(64, 64, 4, 3)
+_ATTENTION[("fwd", "sm100", "16", 128)] = Config(64, 32, 8, 3)
+# The same on every family (a few KB of shared memory). Up to head_dim 128: at 256 the fp32 dQ kernel spills at any
+# tile size and warp count (rope_attention refuses fp32 past 128 for the Triton backend).
+_FP32 = {
+    ("fwd", 64): Config(32, 32, 4, 2), ("fwd", 128): Config(16, 16, 4, 1),
+    ("dq", 64): Config(16, 16, 8, 1), ("dq", 128): Config(16, 16, 8, 1),
+    ("dkdv", 64): Config(16, 16, 4, 1), ("dkdv", 128): Config(16, 32, 4, 1),
+}
+_ATTENTION.update({(kernel, family, "32", dim): config for (kernel, dim), config in _FP32.items()
+                   for family in SHARED_MEMORY_PER_BLOCK})
 
 
-def attention_config(kernel: str, head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None) -> Config:
+def attention_config(kernel: str, head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None,
+                     gathered: bool = False) -> Config:
     """Launch configuration of the attention kernel `kernel` ("fwd", "dkdv", "dq") for q's head_dim and dtype on a
-    GPU of compute capability `capability` (None: the CPU interpreter)."""
+    GPU of compute capability `capability` (None: the CPU interpreter). `gathered`: the kernel's rotation spreads
+    cos/sin to the columns with a gather (a padded head_dim, or partial half-split rotary), whose registers the
+    rotating kernels (forward, dQ) pay for with half the Q rows per tile."""
     if capability is None:
         return INTERPRETER
     padded = max(64, 1 << (head_dim - 1).bit_length())
-    return _ATTENTION[(kernel, family(capability), "32" if dtype == torch.float32 else "16", padded)]
+    config = _ATTENTION[(kernel, family(capability), "32" if dtype == torch.float32 else "16", padded)]
+    if gathered and kernel != "dkdv":
+        config = dataclasses.replace(config, block_m=max(16, config.block_m // 2))
+    return config
 
 
 def rope_config(pairs: int, n_heads: int) -> Config:
