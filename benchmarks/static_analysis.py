@@ -7,9 +7,9 @@ launchers' real arguments, specialisation and `ops/triton_configs.py` tile confi
 lives in the forward's prologue (once per Q tile) and in the dQ epilogue, so the K loops of RoPE on and off should be
 the same loop; the question this answers is whether they are.
 
-Counted per loop body (instructions per thread per iteration): tensor-core MMAs (HMMA/HGMMA/UTCMMA), MUFU (exp2,
-sin, cos), FP32 FMA-pipe work (FFMA/FMUL/FADD), LDSM (ldmatrix), LDGSTS (cp.async), generic loads (LDG/LDS/LD), local
-memory (LDL/STL: spills), total. Resident blocks per SM from registers (allocated per warp in units of 256), shared
+Counted per attention loop body (the innermost loops holding MMAs; instructions per thread per iteration):
+tensor-core MMAs (HMMA/HGMMA/UTCMMA), MUFU (exp2, sin, cos), FP32 FMA-pipe work (FFMA/FMUL/FADD), LDSM (ldmatrix),
+LDGSTS (cp.async), generic loads (LDG/LDS/LD), local memory (LDL/STL: spills), total. Resident blocks per SM from registers (allocated per warp in units of 256), shared
 memory (+1 KB reserved per block) and the family's thread and block limits.
 
     python benchmarks/static_analysis.py                      # sm_90, bf16, head_dim 128 (the checked target)
@@ -36,7 +36,7 @@ import triton_aot  # noqa: E402
 
 # SM limits per compute-capability family: (registers, shared bytes, threads, blocks) per SM
 SM_LIMITS = {"sm80": (65536, 167936, 2048, 32), "sm86": (65536, 102400, 1536, 16),
-             "sm90": (65536, 233472, 2048, 32)}
+             "sm90": (65536, 233472, 2048, 32), "sm100": (65536, 233472, 2048, 32)}
 CATEGORIES = {
     "mma": ("HMMA", "HGMMA", "UTCHMMA", "UTCQMMA", "UTCMMA", "UTCIMMA"),
     "mufu": ("MUFU",),
@@ -64,6 +64,17 @@ def loops(code: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
     return found
 
 
+def mma_loops(code: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
+    """The attention loops: the innermost loops holding tensor-core MMAs (not, e.g., the argument-reduction loops of
+    libdevice's precise sin/cos, nor a GQA loop around a Q loop), in address order."""
+    def has_mma(span):
+        return any(span[0] <= a <= span[1] and op in CATEGORIES["mma"] for a, op, _ in code)
+
+    spans = [span for span in loops(code) if has_mma(span)]
+    return sorted(span for span in spans
+                  if not any(o != span and span[0] <= o[0] and o[1] <= span[1] for o in spans))
+
+
 def mix(code: list[tuple[int, str, str]]) -> dict[str, int]:
     counts = collections.Counter(opcode for _, opcode, _ in code)
     row = {name: sum(counts[op] for op in ops) for name, ops in CATEGORIES.items()}
@@ -79,19 +90,16 @@ def blocks_per_sm(registers: int, shared: int, num_warps: int, family: str) -> i
     return min(by_registers, by_shared, max_threads // (32 * num_warps), max_blocks)
 
 
-def analyze(report: dict, arch: int) -> dict:
-    """Static numbers of one compiled kernel (a triton_aot.compile_launch report)."""
-    from ctxext_kernels.ops import triton_configs
-
+def analyze(report: dict, family: str) -> dict:
+    """Static numbers of one compiled kernel (a triton_aot.compile_launch report) on a GPU of `family`."""
     code = instructions(report["sass"])
-    spans = loops(code)
+    spans = mma_loops(code)
     first = spans[0][0] if spans else code[-1][0] + 1
     last = spans[-1][1] if spans else code[-1][0]
     return dict(
         kernel=report["name"], registers=report["registers"], spill_bytes=report["spill_bytes"],
         stack=report["stack"], local_ops=report["local_ops"], shared=report["shared"], num_warps=report["num_warps"],
-        blocks_per_sm=blocks_per_sm(report["registers"], report["shared"], report["num_warps"],
-                                    triton_configs.family(divmod(arch, 10))),
+        blocks_per_sm=blocks_per_sm(report["registers"], report["shared"], report["num_warps"], family),
         prologue=mix([i for i in code if i[0] < first]),
         loops=[mix([i for i in code if lo <= i[0] <= hi]) for lo, hi in spans],
         epilogue=mix([i for i in code if i[0] > last]),
@@ -100,12 +108,15 @@ def analyze(report: dict, arch: int) -> dict:
 
 def run(arch: int, dtype: str, head_dim: int, causal: bool = True) -> list[dict]:
     """Forward, dQ and dK/dV with RoPE on and off, each analysed."""
+    from ctxext_kernels.ops import triton_configs
+
     case = triton_aot.AttentionCase(dtype, head_dim, causal=causal)
+    family = triton_configs.family(divmod(arch, 10))
     rows = []
     for rotate in (True, False):
         launches = triton_aot.record(lambda: triton_aot.attention_launch(case, rotate=rotate), arch)
         for launched in launches:
-            row = analyze(triton_aot.compile_launch(*launched, arch), arch)
+            row = analyze(triton_aot.compile_launch(*launched, arch), family)
             config = {key: launched[2][key] for key in ("BLOCK_M", "BLOCK_N", "num_stages")}
             rows.append(dict(arch=arch, dtype=dtype, head_dim=head_dim, causal=causal, rope=rotate, **config, **row))
     return rows

@@ -170,13 +170,18 @@ def test_forward_backward_match_float64(case, backend):
     _check_against_float64(case, backend)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("layout,lengths_q,lengths_k", [
-    ("thd", (1, 3, 6, 2), (9, 4, 6, 20)),  # decode, chunked prefill, a whole sequence, a tile-crossing offset
-    ("bshd", (5, 5), (21, 21)),
-    ("bhsd", (1, 1), (7, 7)),
-], ids=["packed", "bshd-chunk", "bhsd-decode"])
+PACKED_Q, PACKED_K = (1, 3, 6, 2), (9, 4, 6, 20)  # decode, chunked prefill, a whole sequence, a tile-crossing offset
+
+
+@pytest.mark.parametrize("layout,lengths_q,lengths_k,causal,dtype", [
+    ("thd", PACKED_Q, PACKED_K, True, torch.float32),
+    ("thd", PACKED_Q, PACKED_K, False, torch.bfloat16),
+    ("thd", PACKED_Q, PACKED_K, True, torch.bfloat16),
+    ("bshd", (5, 5), (21, 21), True, torch.float32),
+    ("bshd", (5, 5), (21, 21), False, torch.float32),
+    ("bhsd", (1, 1), (7, 7), True, torch.bfloat16),
+], ids=["packed-causal-fp32", "packed-full-bf16", "packed-causal-bf16", "bshd-chunk-causal-fp32",
+        "bshd-chunk-full-fp32", "bhsd-decode-bf16"])
 def test_triton_rotated_keys_longer_than_queries(layout, lengths_q, lengths_k, causal, dtype):
     """`k_rotated=True` on the Triton kernels: queries (the last tokens of their sequences) against more, already
     rotated keys, bottom-right causal, packed with their own cu_seqlens_k; float64 oracle, forward and backward.
@@ -406,6 +411,9 @@ BAD = [
     ("float ids", lambda q, k, v: rope_attention(q, k, v, torch.zeros(8), RopeSpec.from_params(32)), "integer"),
     ("unknown backend", lambda q, k, v: rope_attention(q, k, v, None, RopeSpec.from_params(32), backend="xla"),
      "backend must be one of"),
+    ("fp32 head 256 on triton", lambda q, k, v: rope_attention(*(x.repeat(1, 1, 1, 8) for x in (q, k, v)), None,
+                                                               RopeSpec.from_params(256), backend="triton"),
+     "head_dim up to 128"),
 ]
 
 

@@ -443,7 +443,7 @@ def attention_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens_q, cu_s
                           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
                           *positions.stride(), q.shape[1], k.shape[1], _n_seqs(cu_seqlens_q), q.shape[2] // k.shape[2],
                           BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=causal, num_warps=config.num_warps,
-                          num_stages=config.num_stages, maxnreg=config.maxnreg, **_tile_constants(q, cu_seqlens_q),
+                          num_stages=config.num_stages, **_tile_constants(q, cu_seqlens_q),
                           **_rope_constants(q, inv_freq, scaling, interleaved, exact, rotate))
 
 
@@ -474,7 +474,7 @@ def attention_backward(grad_out, q_rot, k, v, out, lse, dq, dk, dv, positions, i
                 qk_scale, float(softmax_scale), *q_rot.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                 *grad_out.stride()[:3], *out.stride()[:3], *dq.stride()[:3], *lse.stride()[:2], *positions.stride(),
                 *lengths, BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n, CAUSAL=causal,
-                num_warps=dq_config.num_warps, num_stages=dq_config.num_stages, maxnreg=dq_config.maxnreg, **tiles,
+                num_warps=dq_config.num_warps, num_stages=dq_config.num_stages, **tiles,
                 **_rope_constants(q_rot, inv_freq, scaling, interleaved, exact, rotate))
         if dkdv_grid[0] * dkdv_grid[2]:
             _bwd_dkdv_kernel[dkdv_grid](
@@ -482,4 +482,4 @@ def attention_backward(grad_out, q_rot, k, v, out, lse, dq, dk, dv, positions, i
                 *q_rot.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dk.stride()[:3],
                 *dv.stride()[:3], *lse.stride()[:2], *lengths, BLOCK_M=dkdv_config.block_m,
                 BLOCK_N=dkdv_config.block_n, CAUSAL=causal, num_warps=dkdv_config.num_warps,
-                num_stages=dkdv_config.num_stages, maxnreg=dkdv_config.maxnreg, **tiles)
+                num_stages=dkdv_config.num_stages, **tiles)

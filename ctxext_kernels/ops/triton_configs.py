@@ -28,11 +28,10 @@ class Config:
     block_n: int  # key rows per tile (RoPE: heads per inner step)
     num_warps: int
     num_stages: int
-    maxnreg: int | None = None  # register cap per thread (None: ptxas decides, up to 255)
 
 
 def family(capability: tuple[int, int]) -> str:
-    """The shared-memory family of a CUDA compute capability."""
+    """The configuration family of a CUDA compute capability."""
     if capability in ((8, 0), (8, 7)):
         return "sm80"
     if capability[0] == 9:
