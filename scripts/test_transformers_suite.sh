@@ -5,6 +5,8 @@
 # tester is scripts/transformers_suite/test_ctxext_families.py. The generation and export mixins (tests/generation,
 # tests/exporters) are not in the sdist and are left out.
 # Usage: scripts/test_transformers_suite.sh [pytest args, e.g. -k "Llama and rope"]
+# CTXEXT_SUITE_ATTN=ctxext: the patched run's models use attn_implementation="ctxext" (the stock run keeps transformers'
+# default), so a regression is then a test the fused attention backend fails that stock attention passes.
 # PYTHON picks the interpreter (default: ./.venv/bin/python, as scripts/test.sh sets it up).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +24,8 @@ fi
 "$PY" -c "import parameterized" 2>/dev/null || "$PY" -m pip install -q parameterized
 
 WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
+# CTXEXT_SUITE_LOGS=<dir> keeps the two pytest logs (stock.log, patched.log) there.
+trap '[ -n "${CTXEXT_SUITE_LOGS:-}" ] && mkdir -p "$CTXEXT_SUITE_LOGS" && cp "$WORK"/*.log "$CTXEXT_SUITE_LOGS"/; rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/tests/generation" "$WORK/tests/exporters"
 cp "$CACHE"/tests/*.py "$WORK/tests/"
 touch "$WORK/tests/__init__.py" "$WORK/tests/generation/__init__.py" "$WORK/tests/exporters/__init__.py"
@@ -37,6 +40,7 @@ run() {  # run stock|patched [pytest args]
     shift
     echo "[suite] $mode"
     (cd "$WORK" && CTXEXT_SUITE_PATCHED="$([ "$mode" = patched ] && echo 1 || echo 0)" \
+        CTXEXT_SUITE_ATTN="$([ "$mode" = patched ] && echo "${CTXEXT_SUITE_ATTN:-}")" \
         PYTHONPATH="$ROOT:$WORK${PYTHONPATH:+:$PYTHONPATH}" TRITON_INTERPRET=1 \
         "$PY" -m pytest tests/test_ctxext_families.py -q -rA -p no:cacheprovider "$@" >"$WORK/$mode.log" 2>&1) || true
     tail -n 1 "$WORK/$mode.log"
@@ -44,26 +48,49 @@ run() {  # run stock|patched [pytest args]
 run stock "$@"
 run patched "$@"
 
-"$PY" - "$WORK/stock.log" "$WORK/patched.log" <<'EOF'
-"""Fail on any test that passes stock and not patched (pytest -rA prints one PASSED/FAILED/ERROR line per test)."""
+"$PY" - "$WORK/stock.log" "$WORK/patched.log" "${CTXEXT_SUITE_ATTN:-}" <<'EOF'
+"""Fail on any test that passes stock and not patched (pytest -rA prints one PASSED/FAILED/ERROR line per test and
+one SUBFAILED line per failed subtest, e.g. per model class)."""
 import re
 import sys
 
+# With attn_implementation="ctxext", the tests that cannot pass by design, and why.
+EXPECTED_WITH_CTXEXT = {
+    # output_attentions=True: ctxext refuses it with a named error (it never materialises the attention weights);
+    # transformers' own config refuses output_attentions for every backend but eager.
+    "test_model_outputs_equivalence": "asks for output_attentions",
+    "test_retain_grad_hidden_states_attentions": "asks for output_attentions",
+    "test_capture_outputs_decorator": "asks for output_attentions",
+    # checks that a plain from_pretrained picks sdpa; this run loads every model with attn_implementation="ctxext"
+    "test_sdpa_can_dispatch_non_composite_models": "checks the default backend is sdpa",
+}
+
 
 def outcomes(path):
-    lines = open(path).read().splitlines()
-    return {match[2]: match[1] for line in lines if (match := re.match(r"(PASSED|FAILED|ERROR) (\S+)", line))}
+    found = {}
+    for line in open(path).read().splitlines():
+        if match := re.match(r"(PASSED|FAILED|ERROR) (\S+)", line):
+            found.setdefault(match[2], match[1])
+        elif match := re.match(r"SUBFAILED\S* (\S+)", line):
+            found[match[1]] = "SUBFAILED"
+    return found
 
 
 stock, patched = outcomes(sys.argv[1]), outcomes(sys.argv[2])
-regressions = sorted(name for name, state in stock.items() if state == "PASSED" and patched.get(name) != "PASSED"
-                     and not name.endswith("test_ctxext_patch_state"))
+expected = EXPECTED_WITH_CTXEXT if sys.argv[3] == "ctxext" else {}
+regressions, excused = [], []
+for name, state in sorted(stock.items()):
+    if state == "PASSED" and patched.get(name) != "PASSED" and not name.endswith("test_ctxext_patch_state"):
+        (excused if name.rsplit("::", 1)[-1] in expected else regressions).append(name)
+for name in excused:
+    print(f"[suite] expected: {name} {patched.get(name, 'missing')} ({expected[name.rsplit('::', 1)[-1]]})")
 for name in regressions:
     print(f"[suite] REGRESSION: {name} passes stock, {patched.get(name, 'missing')} patched")
 state_checks = [name for name in stock if name.endswith("test_ctxext_patch_state")]
 wrong_mode = [name for name in state_checks if stock[name] != "PASSED" or patched.get(name) != "PASSED"]
 for name in wrong_mode:
     print(f"[suite] the run was not stock/patched as intended: {name}")
-print(f"[suite] {len(stock)} tests passed or failed stock, {len(regressions)} of them not patched")
+print(f"[suite] {len(stock)} tests passed or failed stock, {len(regressions)} of them not patched"
+      + (f" ({len(excused)} more by design)" if excused else ""))
 sys.exit(1 if regressions or wrong_mode or not state_checks else 0)
 EOF

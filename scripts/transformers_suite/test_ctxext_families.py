@@ -45,7 +45,10 @@ class FamilyTester:
 
     def get_config(self):
         names = set(inspect.signature(self.config_class.__init__).parameters) | {"pad_token_id"}
-        return self.config_class(**{name: getattr(self, name) for name in names if hasattr(self, name)})
+        config = self.config_class(**{name: getattr(self, name) for name in names if hasattr(self, name)})
+        if os.environ.get("CTXEXT_SUITE_ATTN"):  # every model the tests build from this config uses that backend
+            config._attn_implementation = os.environ["CTXEXT_SUITE_ATTN"]
+        return config
 
     def prepare_config_and_inputs_for_common(self):
         input_ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size)
