@@ -61,7 +61,9 @@ ATTENTION_CASES = {str(c): c for c in (
     *(AttentionCase(dtype, head_dim, **_FLAG_CYCLE[(i + j) % len(_FLAG_CYCLE)])
       for i, dtype in enumerate(DTYPES) for j, head_dim in enumerate((64, 80, 96, 128, 256))
       if dtype != "fp32" or head_dim <= 128),  # fp32 stops at 128 (see ops/triton_configs.py)
-    AttentionCase("bf16", 128))}  # and the most common shape as it is (Llama, Mistral, Qwen: no flag)
+    AttentionCase("bf16", 128),  # and the most common shape as it is (Llama, Mistral, Qwen: no flag)
+    # combinations that once spilled on sm_100 while the cycle's passed (a sweep of all 16 flag combinations)
+    AttentionCase("bf16", 64, partial=True), AttentionCase("bf16", 256, varlen=True))}
 ROPE_CASES = {  # name: (dtype, head_dim, rotary_dim, interleaved, conjugate, exact, with_k)
     "rope bf16 half-split": (torch.bfloat16, 128, 128, False, False, True, True),
     "rope fp16 interleaved backward": (torch.float16, 64, 64, True, True, True, True),
@@ -153,7 +155,8 @@ def cuobjdump(cubin: bytes, *flags: str) -> str:
 def compile_launch(kernel, args, kwargs, arch: int) -> dict:
     """Compile one recorded launch for sm_<arch>, specialised exactly as `JITFunction.run` would (integer arguments
     divisible by 16 or equal to 1, pointer alignment); its resources: name, shared bytes, registers and spill bytes
-    (from ptxas -v when it ran, else None), local-memory instructions in the SASS, the SASS and the compiled kernel."""
+    (from ptxas -v when it ran, else None), local-memory instructions in the SASS, the SASS, the compiled kernel and the
+    launch's keyword arguments (compile-time constants, warps, stages)."""
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
@@ -179,7 +182,7 @@ def compile_launch(kernel, args, kwargs, arch: int) -> dict:
     return dict(name=kernel.fn.__name__, shared=compiled.metadata.shared, registers=int(usage.group(1)),
                 stack=int(usage.group(2)), spill_bytes=sum(int(a) + int(b) for a, b in spills) if spills else None,
                 local_ops=len(re.findall(r"\b(?:LDL|STL)\b", code)), num_warps=compiled.metadata.num_warps,
-                sass=code, compiled=compiled)
+                sass=code, compiled=compiled, launch=kwargs)
 
 
 def check(report: dict, arch: int) -> str:

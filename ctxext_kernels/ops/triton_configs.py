@@ -53,17 +53,19 @@ _ATTENTION = {
     # forward: Q tile [BM, D] resident, K/V tiles [BN, D] streamed through `num_stages` buffers
     ("fwd", "sm90", "16", 64): Config(128, 64, 4, 3),
     ("fwd", "sm90", "16", 128): Config(64, 64, 4, 3),
-    ("fwd", "sm90", "16", 256): Config(64, 64, 8, 2),
+    # 256 on sm_90: no tile choice is spill-free for all 16 flag combinations; this one spills 8 bytes with packed
+    # sequences + partial rotary + no causal mask only (the others spilled 24-900 bytes on common combinations)
+    ("fwd", "sm90", "16", 256): Config(32, 64, 8, 1),
     ("fwd", "sm80", "16", 64): Config(64, 64, 4, 3),
     ("fwd", "sm80", "16", 128): Config(64, 64, 8, 3),
-    ("fwd", "sm80", "16", 256): Config(64, 64, 8, 2),
+    ("fwd", "sm80", "16", 256): Config(64, 32, 8, 2),  # 64-key tiles spill 112 bytes on packed sequences
     ("fwd", "sm86", "16", 64): Config(64, 64, 4, 3),
     ("fwd", "sm86", "16", 128): Config(64, 64, 8, 2),
     ("fwd", "sm86", "16", 256): Config(64, 32, 8, 1),
     # dQ: Q, dO tiles [BM, D] resident with the fp32 dQ accumulator; K, V tiles [BN, D] streamed
     ("dq", "sm90", "16", 64): Config(64, 64, 4, 2),
     ("dq", "sm90", "16", 128): Config(64, 64, 8, 2),
-    ("dq", "sm90", "16", 256): Config(64, 32, 8, 2),
+    ("dq", "sm90", "16", 256): Config(64, 16, 8, 2),  # 32-key tiles spill 8-32 bytes on packed sequences
     ("dq", "sm80", "16", 64): Config(64, 32, 4, 2),
     ("dq", "sm80", "16", 128): Config(64, 64, 8, 2),
     ("dq", "sm80", "16", 256): Config(64, 32, 8, 2),
@@ -83,9 +85,12 @@ _ATTENTION = {
 }
 _ATTENTION.update({(kernel, "sm100", "16", dim): config for (kernel, family, _, dim), config in _ATTENTION.items()
                    if family == "sm90"})
-_ATTENTION[("fwd", "sm100", "16", 64)] = Config(64, 64, 4, 3)
-# 64-key tiles at 8 warps sit at the register limit on sm_100 (16-32 bytes of spills with a gathered rotation)
+# The sm_100 forwards sit at the register limit: these are the configurations without spills for every combination
+# of causal / packed / interleaved / partial rotary (3-stage 64-key tiles spilled 8-32 bytes at 64 and 128 with a
+# gathered rotation, and 2 stages at 256 spilled 144-256 bytes on packed sequences).
+_ATTENTION[("fwd", "sm100", "16", 64)] = Config(64, 64, 4, 2)
 _ATTENTION[("fwd", "sm100", "16", 128)] = Config(64, 32, 8, 3)
+_ATTENTION[("fwd", "sm100", "16", 256)] = Config(64, 64, 8, 1)
 # The same on every family (a few KB of shared memory). Up to head_dim 128: at 256 the fp32 dQ kernel spills at any
 # tile size and warp count (rope_attention refuses fp32 past 128 for the Triton backend).
 _FP32 = {
