@@ -17,6 +17,11 @@ memory (+1 KB reserved per block) and the family's thread and block limits.
 
 Writes static_analysis.json and static_analysis.md to --output (default benchmarks/results/static/). Must run
 without TRITON_INTERPRET.
+
+    python benchmarks/static_analysis.py --matrix             # resources.md/.json: every kernel of the AOT matrix
+
+`--matrix`: for every case of the compile matrix (tests/triton_aot.py, which CI checks) on sm_80, sm_86, sm_90 and
+sm_100: each kernel's launch configuration, registers, spill bytes, stack, shared memory and resident blocks per SM.
 """
 
 from __future__ import annotations
@@ -162,13 +167,55 @@ def markdown(rows: list[dict], checked: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def matrix(archs=triton_aot.ARCHS) -> list[dict]:
+    """Resources of every kernel of every AOT case (tests/triton_aot.py) per arch."""
+    from ctxext_kernels.ops import triton_configs
+
+    rows = []
+    for arch in archs:
+        family = triton_configs.family(divmod(arch, 10))
+        for case in triton_aot.CASES:
+            for report in triton_aot.compile_case(case, arch):
+                launched = report["launch"]
+                rows.append(dict(arch=arch, case=case, kernel=report["name"],
+                                 tiles=" x ".join(str(launched[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_T", "BLOCK_H")
+                                                  if k in launched),
+                                 num_warps=report["num_warps"], num_stages=launched.get("num_stages"),
+                                 registers=report["registers"], spill_bytes=report["spill_bytes"],
+                                 stack=report["stack"], shared=report["shared"],
+                                 blocks_per_sm=blocks_per_sm(report["registers"], report["shared"],
+                                                             report["num_warps"], family)))
+    return rows
+
+
+def matrix_markdown(rows: list[dict]) -> str:
+    lines = ["# Resources of every Triton kernel on the compile matrix (tests/triton_aot.py)", "",
+             "`python benchmarks/static_analysis.py --matrix`. Compiled ahead of time with the launchers' real "
+             "arguments and `ops/triton_configs.py` configurations. Spill bytes from `ptxas -v` (None: served from "
+             "Triton's cache, no ptxas log; the stack column and CI's SASS check still cover spills).", "",
+             "| sm | case | kernel | tiles (attention: BM x BN; RoPE: tokens x heads) | warps | stages | regs | spill B | stack B | smem B | blocks/SM |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arch']} | {r['case']} | {r['kernel']} | {r['tiles'] or '-'} | {r['num_warps']} | "
+                     f"{r['num_stages']} | {r['registers']} | {r['spill_bytes']} | {r['stack']} | {r['shared']} | "
+                     f"{r['blocks_per_sm']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--dtype", default="bf16", choices=sorted(triton_aot.DTYPES))
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "static")
+    parser.add_argument("--matrix", action="store_true", help="resources of every kernel of the AOT compile matrix")
     args = parser.parse_args(argv)
+    if args.matrix:
+        rows = matrix()
+        args.output.mkdir(parents=True, exist_ok=True)
+        (args.output / "resources.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (args.output / "resources.md").write_text(matrix_markdown(rows))
+        return {}
     rows = run(args.arch, args.dtype, args.head_dim)
     checked = summary(rows)
     args.output.mkdir(parents=True, exist_ok=True)
