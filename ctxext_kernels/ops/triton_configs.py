@@ -28,6 +28,7 @@ class Config:
     block_n: int  # key rows per tile (RoPE: heads per inner step)
     num_warps: int
     num_stages: int
+    gathered_block_m: int | None = None  # block_m when the rotation gathers cos/sin (None: half of block_m)
 
 
 def family(capability: tuple[int, int]) -> str:
@@ -53,9 +54,8 @@ _ATTENTION = {
     # forward: Q tile [BM, D] resident, K/V tiles [BN, D] streamed through `num_stages` buffers
     ("fwd", "sm90", "16", 64): Config(128, 64, 4, 3),
     ("fwd", "sm90", "16", 128): Config(64, 64, 4, 3),
-    # 256 on sm_90: no tile choice is spill-free for all 16 flag combinations; this one spills 8 bytes with packed
-    # sequences + partial rotary + no causal mask only (the others spilled 24-900 bytes on common combinations)
-    ("fwd", "sm90", "16", 256): Config(32, 64, 8, 1),
+    # 256 on sm_90: 32-row tiles with or without the gather (64 rows spill without it, 16 rows with it)
+    ("fwd", "sm90", "16", 256): Config(32, 64, 8, 1, gathered_block_m=32),
     ("fwd", "sm80", "16", 64): Config(64, 64, 4, 3),
     ("fwd", "sm80", "16", 128): Config(64, 64, 8, 3),
     ("fwd", "sm80", "16", 256): Config(64, 32, 8, 2),  # 64-key tiles spill 112 bytes on packed sequences
@@ -113,7 +113,7 @@ def attention_config(kernel: str, head_dim: int, dtype: torch.dtype, capability:
     padded = max(64, 1 << (head_dim - 1).bit_length())
     config = _ATTENTION[(kernel, family(capability), "32" if dtype == torch.float32 else "16", padded)]
     if gathered and kernel != "dkdv":
-        config = dataclasses.replace(config, block_m=max(16, config.block_m // 2))
+        config = dataclasses.replace(config, block_m=config.gathered_block_m or max(16, config.block_m // 2))
     return config
 
 
