@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ctxext_kernels.pose import eval as pose_eval  # noqa: E402
-from ctxext_kernels.pose.data import python_docs_path, read_texts  # noqa: E402
+from ctxext_kernels.pose.data import python_docs_path  # noqa: E402
 from ctxext_kernels.pose.modeling import load_model, select_rope  # noqa: E402
 
 
