@@ -62,7 +62,7 @@ ARMS = (
     Arm("linear2_free", rope_type="linear"),
     Arm("yarn2_free", rope_type="yarn", passkey=True),
     Arm("pose_linear2", rope_type="linear", train_method="pose", passkey=True),
-    Arm("contiguous_linear2", rope_type="linear", train_method="contiguous"),
+    Arm("contiguous_linear2", rope_type="linear", train_method="contiguous", passkey=True),
     Arm("pose_yarn2", rope_type="yarn", train_method="pose", passkey=True),
 )
 
