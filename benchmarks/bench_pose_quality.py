@@ -229,8 +229,7 @@ def run_arm(arm: Arm, setup: Setup, documents, names, train_file: Path, work: Pa
     compared = set(settings) - (set() if arm.train_method else TRAINING_SETTINGS)
     if record.get("setup") and any(record["setup"].get(key) != settings[key] for key in compared):
         raise SystemExit(f"{path} was written with other settings; move it away to start that arm again")
-    record.update(arm=dataclasses.asdict(arm), setup=dataclasses.asdict(setup) | {
-        "passkey_lengths": list(setup.passkey_lengths)}, documents=names)
+    record.update(arm=dataclasses.asdict(arm), setup=settings, documents=names)
     record.setdefault("nll_bins", {})
     record.setdefault("passkey", {})
     wanted_trials = {str(n): setup.trials for n in setup.passkey_lengths} if arm.passkey else {}

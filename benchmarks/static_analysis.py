@@ -9,8 +9,9 @@ the same loop; the question this answers is whether they are.
 
 Counted per attention loop body (the innermost loops holding MMAs; instructions per thread per iteration):
 tensor-core MMAs (HMMA/HGMMA/UTCMMA), MUFU (exp2, sin, cos), FP32 FMA-pipe work (FFMA/FMUL/FADD), LDSM (ldmatrix),
-LDGSTS (cp.async), generic loads (LDG/LDS/LD), local memory (LDL/STL: spills), total. Resident blocks per SM from registers (allocated per warp in units of 256), shared
-memory (+1 KB reserved per block) and the family's thread and block limits.
+LDGSTS (cp.async), generic loads (LDG/LDS/LD), local memory (LDL/STL: spills), total. Resident blocks per SM from
+registers (allocated per warp in units of 256), shared memory (+1 KB reserved per block) and the family's thread and
+block limits.
 
     python benchmarks/static_analysis.py                      # sm_90, bf16, head_dim 128 (the checked target)
     python benchmarks/static_analysis.py --arch 80 --dtype fp16 --head-dim 64 --output /tmp/static
@@ -95,6 +96,13 @@ def blocks_per_sm(registers: int, shared: int, num_warps: int, family: str) -> i
     return min(by_registers, by_shared, max_threads // (32 * num_warps), max_blocks)
 
 
+def arch_family(arch: int) -> str:
+    """The configuration family (ops/triton_configs.py) of sm_<arch>."""
+    from ctxext_kernels.ops import triton_configs
+
+    return triton_configs.family(divmod(arch, 10))
+
+
 def analyze(report: dict, family: str) -> dict:
     """Static numbers of one compiled kernel (a triton_aot.compile_launch report) on a GPU of `family`."""
     code = instructions(report["sass"])
@@ -113,10 +121,8 @@ def analyze(report: dict, family: str) -> dict:
 
 def run(arch: int, dtype: str, head_dim: int, causal: bool = True) -> list[dict]:
     """Forward, dQ and dK/dV with RoPE on and off, each analysed."""
-    from ctxext_kernels.ops import triton_configs
-
     case = triton_aot.AttentionCase(dtype, head_dim, causal=causal)
-    family = triton_configs.family(divmod(arch, 10))
+    family = arch_family(arch)
     rows = []
     for rotate in (True, False):
         launches = triton_aot.record(lambda: triton_aot.attention_launch(case, rotate=rotate), arch)
@@ -169,11 +175,9 @@ def markdown(rows: list[dict], checked: dict) -> str:
 
 def matrix(archs=triton_aot.ARCHS) -> list[dict]:
     """Resources of every kernel of every AOT case (tests/triton_aot.py) per arch."""
-    from ctxext_kernels.ops import triton_configs
-
     rows = []
     for arch in archs:
-        family = triton_configs.family(divmod(arch, 10))
+        family = arch_family(arch)
         for case in triton_aot.CASES:
             for report in triton_aot.compile_case(case, arch):
                 launched = report["launch"]
@@ -193,7 +197,8 @@ def matrix_markdown(rows: list[dict]) -> str:
              "`python benchmarks/static_analysis.py --matrix`. Compiled ahead of time with the launchers' real "
              "arguments and `ops/triton_configs.py` configurations. Spill bytes from `ptxas -v` (None: served from "
              "Triton's cache, no ptxas log; the stack column and CI's SASS check still cover spills).", "",
-             "| sm | case | kernel | tiles (attention: BM x BN; RoPE: tokens x heads) | warps | stages | regs | spill B | stack B | smem B | blocks/SM |",
+             "| sm | case | kernel | tiles (attention: BM x BN; RoPE: tokens x heads) | warps | stages | regs | "
+             "spill B | stack B | smem B | blocks/SM |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['arch']} | {r['case']} | {r['kernel']} | {r['tiles'] or '-'} | {r['num_warps']} | "

@@ -44,10 +44,9 @@ from ..ops.spec import RopeSpec
 
 ATTN_IMPLEMENTATION = "ctxext"
 SPEC_ATTRIBUTE = "ctxext_rope_spec"
-# Keyword arguments transformers passes that do not concern attention (cache and output bookkeeping; max_length_* are
-# only size hints for the flash kernels' launch, which rope_attention derives itself).
-# Passed down to every attention call by the models' **kwargs without bearing on attention: model-output switches and
-# the loss arguments of *ForCausalLM (`shift_labels`, `ignore_index`, `num_items_in_batch`).
+# Keyword arguments the models pass down to every attention call that do not concern attention: cache and output
+# bookkeeping, the loss arguments of *ForCausalLM (`shift_labels`, `ignore_index`, `num_items_in_batch`), and
+# max_length_*, only size hints for the flash kernels' launch, which rope_attention derives itself.
 _UNRELATED_KWARGS = frozenset({"use_cache", "output_hidden_states", "output_router_logits", "num_items_in_batch",
                                "return_dict", "max_length_q", "max_length_k", "shift_labels", "ignore_index"})
 _INSTEAD = "use attn_implementation='sdpa' or 'eager' (with the patch the RoPE step still runs as one fused op)"

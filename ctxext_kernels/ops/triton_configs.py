@@ -62,6 +62,12 @@ _ATTENTION = {
     ("fwd", "sm86", "16", 64): Config(64, 64, 4, 3),
     ("fwd", "sm86", "16", 128): Config(64, 64, 8, 2),
     ("fwd", "sm86", "16", 256): Config(64, 32, 8, 1),
+    # sm_100 sits at the register limit: spill-free for every combination of causal / packed / interleaved / partial
+    # rotary (3-stage 64-key tiles spilled 8-32 bytes at 64 and 128 with a gathered rotation, and 2 stages at 256
+    # spilled 144-256 bytes on packed sequences)
+    ("fwd", "sm100", "16", 64): Config(64, 64, 4, 2),
+    ("fwd", "sm100", "16", 128): Config(64, 32, 8, 3),
+    ("fwd", "sm100", "16", 256): Config(64, 64, 8, 1),
     # dQ: Q, dO tiles [BM, D] resident with the fp32 dQ accumulator; K, V tiles [BN, D] streamed
     ("dq", "sm90", "16", 64): Config(64, 64, 4, 2),
     ("dq", "sm90", "16", 128): Config(64, 64, 8, 2),
@@ -83,14 +89,9 @@ _ATTENTION = {
     ("dkdv", "sm86", "16", 128): Config(32, 64, 8, 2),
     ("dkdv", "sm86", "16", 256): Config(32, 32, 8, 1),
 }
+# sm_100 backward kernels: sm_90's (spill-free there for every flag combination too)
 _ATTENTION.update({(kernel, "sm100", "16", dim): config for (kernel, family, _, dim), config in _ATTENTION.items()
-                   if family == "sm90"})
-# The sm_100 forwards sit at the register limit: these are the configurations without spills for every combination
-# of causal / packed / interleaved / partial rotary (3-stage 64-key tiles spilled 8-32 bytes at 64 and 128 with a
-# gathered rotation, and 2 stages at 256 spilled 144-256 bytes on packed sequences).
-_ATTENTION[("fwd", "sm100", "16", 64)] = Config(64, 64, 4, 2)
-_ATTENTION[("fwd", "sm100", "16", 128)] = Config(64, 32, 8, 3)
-_ATTENTION[("fwd", "sm100", "16", 256)] = Config(64, 64, 8, 1)
+                   if family == "sm90" and kernel != "fwd"})
 # The same on every family (a few KB of shared memory). Up to head_dim 128: at 256 the fp32 dQ kernel spills at any
 # tile size and warp count (rope_attention refuses fp32 past 128 for the Triton backend).
 _FP32 = {
@@ -107,7 +108,7 @@ def attention_config(kernel: str, head_dim: int, dtype: torch.dtype, capability:
     """Launch configuration of the attention kernel `kernel` ("fwd", "dkdv", "dq") for q's head_dim and dtype on a
     GPU of compute capability `capability` (None: the CPU interpreter). `gathered`: the kernel's rotation spreads
     cos/sin to the columns with a gather (a padded head_dim, or partial half-split rotary), whose registers the
-    rotating kernels (forward, dQ) pay for with half the Q rows per tile."""
+    rotating kernels (forward, dQ) pay for with fewer Q rows per tile (`gathered_block_m`, default half)."""
     if capability is None:
         return INTERPRETER
     padded = max(64, 1 << (head_dim - 1).bit_length())
