@@ -61,7 +61,7 @@ def _sdpa(q, k, v, flash: bool):
 # backward with that output gradient (returning dq, dk, dv in q's, k's and v's shapes).
 
 
-def _autograd(forward):
+def autograd_provider(forward):
     """A provider from a differentiable forward(q, k, v, pos, spec) -> out."""
     def factory(q, k, v, pos, spec, grad_out=None):
         if grad_out is None:
@@ -130,19 +130,19 @@ def providers(device: str, quick: bool) -> dict:
     on_gpu = device == "cuda"
     table = {}
     for backend in ("triton", "cuda") if on_gpu else ():
-        table[f"fused-{backend}"] = _autograd(
+        table[f"fused-{backend}"] = autograd_provider(
             lambda q, k, v, pos, spec, b=backend: ck.rope_attention(q, k, v, pos, spec, backend=b,
                                                                      check_positions=False))
         table[f"fused-{backend}-norope"] = fused_norope(backend)
     if not on_gpu:
-        table["fused-torch-reference"] = _autograd(
+        table["fused-torch-reference"] = autograd_provider(
             lambda q, k, v, pos, spec: ck.rope_attention(q, k, v, pos, spec, backend="torch"))
-    table[BASELINE] = _autograd(
+    table[BASELINE] = autograd_provider(
         lambda q, k, v, pos, spec: _sdpa(*ck.apply_rope(q, k, pos, spec, check_positions=False), v, flash=on_gpu))
-    table["sdpa-flash-norope"] = _autograd(lambda q, k, v, pos, spec: _sdpa(q, k, v, flash=on_gpu))
-    table["hf-rope+sdpa"] = _autograd(_hf_rope_sdpa)
+    table["sdpa-flash-norope"] = autograd_provider(lambda q, k, v, pos, spec: _sdpa(q, k, v, flash=on_gpu))
+    table["hf-rope+sdpa"] = autograd_provider(_hf_rope_sdpa)
     if on_gpu:
-        table["flash-attn"] = _autograd(_flash_attn)
+        table["flash-attn"] = autograd_provider(_flash_attn)
     if quick:
         table = {name: factory for name, factory in table.items() if name in QUICK_PROVIDERS}
     return table

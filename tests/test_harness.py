@@ -2,6 +2,7 @@
 is rewritten after every row, and the benchmark scripts' own logic (break-even table, RoPE-off wiring)."""
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -249,3 +250,62 @@ def test_bench_attention_rope_off_path_is_attention_without_rotation():
     grads = bench_attention.fused_norope("triton")(q, k, v, pos, spec, grad)()
     for name, got, leaf in zip(("dq", "dk", "dv"), grads, leaves):
         torch.testing.assert_close(got, leaf.grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_config_override_applies_inside_its_block_only():
+    from ctxext_kernels.ops import triton_configs
+    from ctxext_kernels.ops.triton_configs import Config
+
+    table = triton_configs.attention_config("dq", 128, torch.bfloat16, (9, 0))
+    with triton_configs.override("dq", Config(16, 32, 4, 1)):
+        assert triton_configs.attention_config("dq", 128, torch.bfloat16, (9, 0)) == Config(16, 32, 4, 1)
+        assert triton_configs.attention_config("fwd", 128, torch.bfloat16, None) == triton_configs.INTERPRETER
+        with triton_configs.override("dq", Config(32, 16, 4, 1)):
+            assert triton_configs.attention_config("dq", 64, torch.float16, None) == Config(32, 16, 4, 1)
+        assert triton_configs.attention_config("dq", 128, torch.bfloat16, (9, 0)) == Config(16, 32, 4, 1)
+    assert triton_configs.attention_config("dq", 128, torch.bfloat16, (9, 0)) == table
+    with pytest.raises(ValueError, match="kernel must be"):
+        with triton_configs.override("bwd", table):
+            pass
+
+
+def _tune_rows(path: Path) -> dict:
+    report = json.loads((path / "tune_attention_smoke.json").read_text())
+    return {(r["case"]["kernel"], r["provider"]): r for r in report["results"]}
+
+
+def test_tune_attention_smoke_times_every_candidate_against_the_table(tmp_path):
+    """tune_attention --smoke (the interpreter, tiny tiles): every candidate of every kernel is compared with the table
+    configuration's outputs and timed, then fwd+bwd with the fastest; no override outlives the run."""
+    import tune_attention
+
+    from ctxext_kernels.ops import triton_configs
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter (tests/conftest.py sets it without a GPU)")
+    tune_attention.main(["--smoke", "--output", str(tmp_path)])
+    rows = _tune_rows(tmp_path)
+    for kernel, candidates in tune_attention.SMOKE_CANDIDATES.items():
+        for candidate in candidates:
+            row = rows[(kernel, tune_attention.label(triton_configs.Config(*candidate)))]
+            assert not row["skipped"], row
+            assert row["metrics"]["max_diff"] <= tune_attention.TOLERANCE and row["metrics"]["ms_p50"] > 0
+        # the interpreter's table configuration is the first smoke candidate: its row is the reference, speed-up 1
+        assert rows[(kernel, "16x16 w4 s1")]["metrics"]["speedup_vs_table"] == 1.0
+    assert all(not rows[("fwd+bwd", name)]["skipped"] for name in ("table", "tuned", "ropeop+sdpa-flash"))
+    assert not triton_configs._OVERRIDES
+
+
+def test_tune_attention_skips_a_candidate_whose_outputs_differ(tmp_path, monkeypatch):
+    import tune_attention
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter (tests/conftest.py sets it without a GPU)")
+    monkeypatch.setattr(tune_attention, "SMOKE_CANDIDATES",
+                        {kernel: [(32, 16, 4, 1)] for kernel in tune_attention.KERNELS})
+    monkeypatch.setattr(tune_attention, "max_diff", lambda got, want: 0.5)  # as a wrong tile boundary would give
+    tune_attention.main(["--smoke", "--repeats", "1", "--output", str(tmp_path)])
+    rows = _tune_rows(tmp_path)
+    for kernel in tune_attention.KERNELS:
+        assert "outputs differ from the table configuration's by 0.5" in rows[(kernel, "32x16 w4 s1")]["skipped"]
+    assert not rows[("fwd+bwd", "tuned")]["skipped"]  # nothing faster was found: the table's configurations

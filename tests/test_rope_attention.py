@@ -6,6 +6,7 @@ plain PyTorch rope-then-attention computed in the input dtype (autograd through 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -14,8 +15,10 @@ import torch
 from oracles import rope_oracle
 
 import ctxext_kernels as ck
-from ctxext_kernels.ops.attention import attention_backends, rope_attention
+from ctxext_kernels.ops import cuda_ext, triton_configs
+from ctxext_kernels.ops.attention import _cuda_backward, _cuda_forward, attention_backends, rope_attention
 from ctxext_kernels.ops.spec import RopeSpec
+from ctxext_kernels.ops.triton_configs import Config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +233,26 @@ def test_triton_rotated_keys_longer_than_queries(layout, lengths_q, lengths_k, c
         assert err <= 2 * ref_err + floor, f"{name}: error {err:.3e} vs plain torch in {dtype} {ref_err:.3e}"
 
 
+# The interpreter's own tiles are 16 x 16 (triton_configs.INTERPRETER); the GPU tables also use unequal ones (forward
+# 128 x 64, dK/dV 32 x 64, ...), whose causal block bounds (the first block a Q or K block sees, the masked diagonal,
+# the offset of longer keys) must hold for either ratio. Every kernel gets the same (block_m, block_n).
+UNEQUAL_TILES = {"q-tiles-larger": Config(32, 16, 4, 1), "k-tiles-larger": Config(16, 32, 4, 1)}
+
+
+@pytest.mark.parametrize("tiles", UNEQUAL_TILES, ids=str)
+@pytest.mark.parametrize("case", ["causal", "varlen", "full", "longer-keys"])
+def test_triton_unequal_tiles_match_float64(case, tiles):
+    _require("triton")
+    with contextlib.ExitStack() as stack:
+        for kernel in ("fwd", "dq", "dkdv"):
+            stack.enter_context(triton_configs.override(kernel, UNEQUAL_TILES[tiles]))
+        if case == "longer-keys":
+            test_triton_rotated_keys_longer_than_queries("thd", (3, 37, 1), (40, 37, 50), True, torch.float32)
+        else:
+            _check_against_float64(Case(case, seq=70, causal=case != "full", dtype=torch.float32,
+                                        packed=(37, 5, 50) if case == "varlen" else None), "triton")
+
+
 def test_triton_many_packed_sequences():
     """More sequences than one chunk of the kernels' sequence search (`_tile`), of lengths 0 to 3: each program
     still finds its own sequence (packed output == each sequence attended alone)."""
@@ -259,9 +282,13 @@ CUDA_CASES = [dataclasses.replace(c, head_dim=max(c.head_dim, 64)) for c in CASE
 ]
 
 
+# Every case on the Triton backend; on the CUDA one those of the head_dims it takes (it refuses the others by name)
+GPU_RUNS = [(case, backend) for case in CUDA_CASES for backend in ("cuda", "triton")
+            if backend == "triton" or case.head_dim in (64, 128)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("case", CUDA_CASES, ids=str)
+@pytest.mark.parametrize("case, backend", GPU_RUNS, ids=[f"{case}-{backend}" for case, backend in GPU_RUNS])
 def test_gpu_forward_backward_match_float64(case, backend):
     usable, reason = attention_backends("cuda")[backend]
     if not torch.cuda.is_available() or not usable:
@@ -331,8 +358,6 @@ def test_gpu_cuda_kernel_with_longer_rotated_keys(case):
     usable, reason = attention_backends("cuda")["cuda"]
     if not torch.cuda.is_available() or not usable:
         pytest.skip(f"needs a GPU with the cuda backend: {reason}")
-    from ctxext_kernels.ops.attention import _cuda_backward, _cuda_forward, _rope_cuda
-
     q, k_rot, v, pos, spec, cu_q, cu_k, keep = _kv_inputs(case)
     scaling, interleaved = spec.attention_scaling, case.interleaved
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -352,7 +377,8 @@ def test_gpu_cuda_kernel_with_longer_rotated_keys(case):
     out, lse = torch.empty_like(qc), torch.empty(qc.shape[:3], device="cuda", dtype=torch.float32)
     _cuda_forward(qc, kc, vc, out, lse, pos_c, inv_freq, cu_q, cu_k, *flags)
     dq, dk, dv = torch.empty_like(qc), torch.empty_like(kc), torch.empty_like(vc)
-    q_rot = _rope_cuda(qc, pos_c, inv_freq, scaling, interleaved, True)
+    q_rot = torch.empty_like(qc)  # the backward takes q rotated, as fused_backward hands it over
+    cuda_ext.rope_forward(qc, None, q_rot, None, pos_c, inv_freq, scaling, interleaved, False, True)
     _cuda_backward(gc, q_rot, kc, vc, out, lse, dq, dk, dv, pos_c, inv_freq, cu_q, cu_k, *flags)
     floor = {torch.float16: 1e-3, torch.bfloat16: 1e-2}[case.dtype]
     for name, got, base, want in zip(("out", "dq", "dk_rot", "dv"), (out, dq, dk, dv), baseline, expected):

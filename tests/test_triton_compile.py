@@ -36,8 +36,9 @@ def test_kernel_compiles_for_gpu(case, arch, compile_errors):
 
 def test_static_analysis_targets(tmp_path):
     """The fused forward on H100 (sm_90, bf16, head_dim 128): with RoPE on, its main K loop is at most 1.15x the
-    instructions of the same loop with RoPE off (the rotation stays in the prologue), no kernel spills, and at least
-    two blocks fit on an SM (benchmarks/static_analysis.py, whose committed table is benchmarks/results/static/)."""
+    instructions of the same loop with RoPE off (the rotation stays in the prologue), it does not spill, and at least
+    two blocks fit on an SM; the backward kernels spill at most what their measured configurations' budgets allow
+    (benchmarks/static_analysis.py, whose committed table is benchmarks/results/static/)."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "static_analysis.py"
     subprocess.run([sys.executable, str(script), "--output", str(tmp_path)], env=env, check=True,
@@ -45,4 +46,6 @@ def test_static_analysis_targets(tmp_path):
     summary = json.loads((tmp_path / "static_analysis.json").read_text())["summary"]
     assert summary["_fwd_kernel"]["main_loop_ratio"] <= 1.15, summary
     assert summary["_fwd_kernel"]["blocks_per_sm"] >= 2, summary
-    assert all(kernel["spill_free"] for kernel in summary.values()), summary
+    assert summary["_fwd_kernel"]["spill_free"], summary
+    # the backward kernels: spill-free, or (a configuration chosen by a GPU measurement) within its stack budget
+    assert all(kernel["spill_free"] or kernel["within_stack_budget"] for kernel in summary.values()), summary

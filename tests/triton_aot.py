@@ -8,7 +8,8 @@ stages: `ops/triton_configs.py`) a launch on that GPU would get, down to a cubin
 - needs more shared memory than one block of that GPU family may have, or
 - spills registers: `ptxas -v` reports spill stores/loads (fresh compiles), or its SASS touches local memory
   (`LDL`/`STL`) or it has a stack frame (`cuobjdump -res-usage`; these two also cover kernels that Triton's cache
-  serves without running ptxas).
+  serves without running ptxas). A configuration a GPU measurement chose although it spills carries a
+  `stack_budget` (ops/triton_configs.py): its stack frame may not grow beyond it.
 
 The matrix: the attention kernels (forward, dQ, dK/dV) for every head_dim 64/80/96/128/256 x fp16/bf16 and
 64/80/96/128 x fp32 (what the Triton backend takes), each
@@ -185,17 +186,37 @@ def compile_launch(kernel, args, kwargs, arch: int) -> dict:
                 sass=code, compiled=compiled, launch=kwargs)
 
 
-def check(report: dict, arch: int) -> str:
-    """Why a compiled kernel is not acceptable on sm_<arch> ("" when it is)."""
+ATTENTION_KERNELS = {"_fwd_kernel": "fwd", "_bwd_dq_kernel": "dq", "_bwd_dkdv_kernel": "dkdv"}
+
+
+def stack_budget(kernel_name: str, case: AttentionCase | None, arch: int) -> int:
+    """The stack frame a compiled kernel may have on sm_<arch>: its configuration's `stack_budget`
+    (ops/triton_configs.py: non-zero only where a GPU measurement chose a spilling configuration), else 0."""
+    from ctxext_kernels.ops import triton_configs
+
+    if case is None or kernel_name not in ATTENTION_KERNELS:
+        return 0
+    return triton_configs.attention_config(ATTENTION_KERNELS[kernel_name], case.head_dim, DTYPES[case.dtype],
+                                           divmod(arch, 10)).stack_budget
+
+
+def check(report: dict, arch: int, budget: int = 0) -> str:
+    """Why a compiled kernel is not acceptable on sm_<arch> ("" when it is): over the family's shared memory, or any
+    spill -- beyond a stack frame of `budget` bytes where its configuration has one (`stack_budget`)."""
     problems = []
     if report["shared"] > shared_memory_limit(arch):
         problems.append(f"needs {report['shared']} bytes of shared memory, sm_{arch} allows "
                         f"{shared_memory_limit(arch)}")
-    if report["spill_bytes"]:
-        problems.append(f"spills {report['spill_bytes']} bytes (ptxas -v)")
-    if report["local_ops"] or report["stack"]:
-        problems.append(f"{report['local_ops']} local-memory instructions (LDL/STL) in its SASS, "
-                        f"{report['stack']}-byte stack frame")
+    if budget:
+        if report["stack"] > budget:
+            problems.append(f"{report['stack']}-byte stack frame, over the {budget} bytes its measured "
+                            "configuration is allowed")
+    else:
+        if report["spill_bytes"]:
+            problems.append(f"spills {report['spill_bytes']} bytes (ptxas -v)")
+        if report["local_ops"] or report["stack"]:
+            problems.append(f"{report['local_ops']} local-memory instructions (LDL/STL) in its SASS, "
+                            f"{report['stack']}-byte stack frame")
     return f"{report['name']}: " + "; ".join(problems) if problems else ""
 
 
@@ -203,7 +224,8 @@ def compile_case(case: str, arch: int) -> list[dict]:
     """Record the case's launches, compile each for sm_<arch>; raises on any failure."""
     launch = (lambda: _rope_launch(case)) if case in ROPE_CASES else (lambda: attention_launch(ATTENTION_CASES[case]))
     reports = [compile_launch(*launched, arch) for launched in record(launch, arch)]
-    errors = [error for error in (check(report, arch) for report in reports) if error]
+    errors = [error for error in (check(report, arch, stack_budget(report["name"], ATTENTION_CASES.get(case), arch))
+                                  for report in reports) if error]
     if errors:
         raise AssertionError("; ".join(errors))
     return reports
