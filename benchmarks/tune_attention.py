@@ -1,7 +1,7 @@
 """Candidate launch configurations of the fused Triton attention kernels, timed on this GPU: the evidence behind
 the table entries of `ctxext_kernels/ops/triton_configs.py` beyond "compiles without spills".
 
-At one shape (causal, head_dim 128, 32 q heads, 8 kv heads, bf16, 2 sequences of 8k tokens: the benchmark's), each
+At one shape (causal, head_dim 128 or `--head-dim 64`, 32 q heads, 8 kv heads, bf16, 2 sequences of 8k tokens), each
 kernel's candidates run under `triton_configs.override`:
   fwd     `fused_forward` (the K rotation by the RoPE kernel included, the same in every row)
   dq      `fused_backward` whole, dK/dV at its table configuration: rows differ by the dQ kernel alone
@@ -41,7 +41,8 @@ from ctxext_kernels.ops.triton_configs import Config  # noqa: E402
 
 TOLERANCE = 0.02  # bf16 outputs: a different summation order moves them by an ulp or two (~0.8%)
 KERNELS = ("fwd", "dq", "dkdv")
-# head_dim 128, fp16/bf16, sm_90-sized shared memory (227 KB): (block_m, block_n, warps, stages)
+# fp16/bf16 at head_dim 128 in sm_90-sized shared memory (227 KB; at 64 every one fits): (block_m, block_n, warps,
+# stages)
 CANDIDATES = {
     "fwd": [(64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2), (64, 128, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3),
             (128, 128, 8, 2), (128, 64, 4, 2), (128, 32, 4, 3), (64, 32, 4, 4)],
@@ -123,6 +124,7 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", type=int, default=0, help="processes that compile the candidates first (GPU only)")
     p.add_argument("--compile-only", action="store_true",
                    help="with --jobs: fill Triton's cache and stop (the timed run then loads every kernel from it)")
+    p.add_argument("--head-dim", type=int, default=128, choices=(64, 128), help="head_dim (default 128)")
     p.add_argument("--seq", type=int, default=8192, help="tokens per sequence (default 8192)")
     p.add_argument("--batch", type=int, default=2, help="sequences (default 2)")
     args = p.parse_args(argv)
@@ -134,7 +136,7 @@ def main(argv=None) -> None:
             raise SystemExit("--smoke runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
         candidates, shape_args = SMOKE_CANDIDATES, (1, 48, 4, 2, 32, torch.float32, device)
     else:
-        candidates, shape_args = CANDIDATES, (args.batch, args.seq, 32, 8, 128, torch.bfloat16, device)
+        candidates, shape_args = CANDIDATES, (args.batch, args.seq, 32, 8, args.head_dim, torch.bfloat16, device)
     if args.jobs:
         precompile(candidates, shape_args, args.jobs)
     if args.compile_only:
@@ -151,7 +153,7 @@ def main(argv=None) -> None:
                 r.metrics["speedup_vs_table"] = table[r.case["kernel"]] / r.metrics["ms_p50"]
 
     report = harness.Report(
-        "tune_attention" + ("_smoke" if args.smoke else ""),
+        "tune_attention" + ("_smoke" if args.smoke else "" if args.head_dim == 128 else f"_d{args.head_dim}"),
         {"shape": "batch, seq, q_heads, kv_heads, head_dim = " + ", ".join(map(str, shape_args[:5])),
          "dtype": str(shape_args[5]), "causal": True, "repeats": repeats, "tolerance": TOLERANCE,
          "family": None if device == "cpu" else triton_configs.family(torch.cuda.get_device_capability())},
