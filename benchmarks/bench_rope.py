@@ -10,6 +10,8 @@ Providers
 ---------
 - ctxext-cuda / ctxext-triton: the public `apply_rope(..., backend=...)`, checks included (the position-range check
   costs one host sync).
+- ctxext-cuda-nocheck: the same call with `check_positions=False`, as the transformers integration makes it (no
+  host sync), forward and backward.
 - ctxext-cuda-raw / ctxext-triton-raw: the launcher alone (`rope_forward`, forward only), so the Python overhead of
   the public call is visible at decode sizes (`wall_ms_*` columns: back-to-back calls, host time included).
 - hf-eager: transformers' `LlamaRotaryEmbedding` (cos/sin from the position ids) + `apply_rotary_pos_emb`, the same
@@ -74,8 +76,9 @@ def _llama_config(kv_heads: int, head_dim: int, q_heads: int):
                        head_dim=head_dim, rope_theta=500000.0, max_position_embeddings=262144)
 
 
-def _public(backend: str) -> Provider:
-    return lambda x: (lambda: ck.apply_rope(x.q, x.k, x.positions, x.spec, backend=backend))
+def _public(backend: str, check_positions: bool = True) -> Provider:
+    return lambda x: (lambda: ck.apply_rope(x.q, x.k, x.positions, x.spec, backend=backend,
+                                            check_positions=check_positions))
 
 
 def _raw(backend: str) -> Provider:
@@ -164,10 +167,12 @@ def providers(device: str, full: bool) -> dict[str, Provider]:
     adds the torch.compile peer."""
     table: dict[str, Provider] = {"copy": _copy}
     if device == "cuda":
-        table.update({"ctxext-cuda": _public("cuda"), "ctxext-cuda-raw": _raw("cuda"),
-                      "ctxext-triton": _public("triton"), "ctxext-triton-raw": _raw("triton")})
+        table.update({"ctxext-cuda": _public("cuda"), "ctxext-cuda-nocheck": _public("cuda", False),
+                      "ctxext-cuda-raw": _raw("cuda"), "ctxext-triton": _public("triton"),
+                      "ctxext-triton-raw": _raw("triton")})
     else:
-        table.update({"ctxext-cpu": _public("cpu"), "ctxext-cpu-raw": _raw("cpu"), "ctxext-torch": _public("torch")})
+        table.update({"ctxext-cpu": _public("cpu"), "ctxext-cpu-nocheck": _public("cpu", False),
+                      "ctxext-cpu-raw": _raw("cpu"), "ctxext-torch": _public("torch")})
     table.update({"hf-eager": _hf_eager, "hf-apply": _hf_apply})
     if full:
         table["hf-compiled"] = _hf_compiled

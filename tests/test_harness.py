@@ -163,7 +163,7 @@ def test_bench_rope_smoke_runs_every_cpu_provider_and_checks_accuracy(tmp_path):
     bench_rope.main(["--smoke", "--repeats", "2", "--output", str(tmp_path)])
     data = json.loads((tmp_path / "bench_rope.json").read_text())
     rows = {(r["provider"], r["case"]["tokens"], r["case"]["kv_heads"], r["case"]["mode"]): r for r in data["results"]}
-    for provider in ("ctxext-cpu", "ctxext-cpu-raw", "ctxext-torch", "hf-eager", "hf-apply"):
+    for provider in ("ctxext-cpu", "ctxext-cpu-nocheck", "ctxext-cpu-raw", "ctxext-torch", "hf-eager", "hf-apply"):
         row = rows[(provider, 256, 4, "fwd")]
         assert row["skipped"] is None and row["metrics"]["gbps"] > 0, provider
         # fp32 rotation by angles up to 255 rad: our exact angles stay at fp32 rounding of the outputs
