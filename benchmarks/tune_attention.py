@@ -121,7 +121,8 @@ def max_diff(got, want) -> float:
 
 def main(argv=None) -> None:
     p = harness.parser(__doc__.splitlines()[0])
-    p.add_argument("--jobs", type=int, default=0, help="processes that compile the candidates first, into Triton's cache")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="processes that compile the candidates first, into Triton's cache")
     p.add_argument("--compile-only", action="store_true",
                    help="with --jobs: fill Triton's cache and stop (the timed run then loads every kernel from it)")
     p.add_argument("--head-dim", type=int, default=128, choices=(64, 128), help="head_dim (default 128)")
