@@ -161,7 +161,6 @@ def main(argv=None) -> None:
         args.output, planned, time_budget=args.time_budget, device=device, x="seq", y="ms_p50", panels=("kernel",),
         log_x=False, columns=("ms_p50", "ms_p20", "ms_p80", "speedup_vs_table", "max_diff"), derive=derive)
     shape = Shape(*shape_args)
-    shape.forward()
     reference = {"fwd": [x.clone() for x in shape.forward()], "dq": [x.clone() for x in shape.backward()]}
     reference["dkdv"] = reference["dq"]
     capability = triton_configs.capability(shape.q.device)
