@@ -40,7 +40,7 @@ from ctxext_kernels.ops.attention import fused_backward, fused_forward  # noqa: 
 from ctxext_kernels.ops.triton_configs import Config  # noqa: E402
 
 TOLERANCE = 0.02  # bf16 outputs: a different summation order moves them by an ulp or two (~0.8%)
-KERNELS = ("fwd", "dq", "dkdv")
+KERNELS = triton_configs.ATTENTION_KERNELS
 # fp16/bf16 at head_dim 128 in sm_90-sized shared memory (227 KB; at 64 every one fits): (block_m, block_n, warps,
 # stages)
 CANDIDATES = {

@@ -113,6 +113,7 @@ _ATTENTION.update({(kernel, family, "32", dim): config for (kernel, dim), config
                    for family in SHARED_MEMORY_PER_BLOCK})
 
 
+ATTENTION_KERNELS = ("fwd", "dq", "dkdv")  # the names attention_config and override take
 _OVERRIDES: dict[str, Config] = {}
 
 
@@ -120,7 +121,7 @@ _OVERRIDES: dict[str, Config] = {}
 def override(kernel: str, config: Config):
     """Launch the attention kernel `kernel` ("fwd", "dq", "dkdv") with `config` inside the block, whatever the table
     and the GPU: how benchmarks/tune_attention.py measures candidate configurations for the table."""
-    if kernel not in ("fwd", "dq", "dkdv"):
+    if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"kernel must be 'fwd', 'dq' or 'dkdv', got {kernel!r}")
     previous = _OVERRIDES.get(kernel)
     _OVERRIDES[kernel] = config
