@@ -9,8 +9,8 @@ run loses at most the step in flight and the next run resumes there; every arm's
 - `linear2_free`, `yarn2_free`: training-free linear interpolation (PI) and YaRN, factor target / window.
 - `pose_linear2`, `pose_yarn2`: PoSE fine-tunes (`ctxext-train --method pose`) at Lc tokens, position ids spanning
   [0, target), then the same scaling.
-- `contiguous_linear2`: the control: the same fine-tune, the same tokens, positions 0 ... Lc-1 (`--method
-  contiguous`): what adapting to the interpolated RoPE alone gives, without the skipped distances.
+- `contiguous_linear2`, `contiguous_yarn2`: the controls: the same fine-tune, the same tokens, positions 0 ... Lc-1
+  (`--method contiguous`): what adapting to the rescaled RoPE alone gives, without the skipped distances.
 
 Metrics, on held-out documents (Python 3.11 docs, never in the training text) of at least `target` tokens: the mean
 NLL per `bin`-position bin of one forward over the first `target` tokens (the in-window arm: its sliding windows), and
@@ -64,6 +64,7 @@ ARMS = (
     Arm("pose_linear2", rope_type="linear", train_method="pose", passkey=True),
     Arm("contiguous_linear2", rope_type="linear", train_method="contiguous", passkey=True),
     Arm("pose_yarn2", rope_type="yarn", train_method="pose", passkey=True),
+    Arm("contiguous_yarn2", rope_type="yarn", train_method="contiguous", passkey=True),
 )
 
 
