@@ -15,7 +15,7 @@ import torch
 from oracles import rope_oracle
 
 import ctxext_kernels as ck
-from ctxext_kernels.ops.attention import rope_attention
+from ctxext_kernels.ops.attention import attention_backends, rope_attention
 from ctxext_kernels.ops.spec import RopeSpec
 
 SPEC = RopeSpec.from_params(32, 10000.0, "linear", factor=2.0, max_position_embeddings=64)
@@ -86,6 +86,73 @@ def test_decode_step_equals_last_row_of_full_attention(layout):
     q_rot64 = rope_oracle(q.to(torch.float64)[None], q_ids[None], inv_freq)[0]
     want = _full_attention(q_rot64, k_rot.to(torch.float64), v.to(torch.float64), (1, 1), (7, 7), True)
     torch.testing.assert_close(out.reshape(2, 4, 32).to(torch.float64), want, rtol=1e-5, atol=1e-5)
+
+
+def _left_padded_oracle(q_rot, k_rot, v, leftpad, causal):
+    """float64 attention of batched rows `[B, S, H, D]` whose keys start at slot leftpad[b]; the queries are the last
+    Sq slots of each row (causal: query i sees slots up to i + Sk - Sq); a query that sees no key gives 0."""
+    n_q, n_k = q_rot.shape[1], k_rot.shape[1]
+    group = q_rot.shape[2] // k_rot.shape[2]
+    k_rot, v = k_rot.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
+    scores = torch.einsum("bmhd,bnhd->bhmn", q_rot, k_rot) / math.sqrt(q_rot.shape[-1])
+    slot = torch.arange(n_k)
+    keep = (slot[None, :] >= leftpad[:, None])[:, None, None, :]
+    if causal:
+        keep = keep & (slot[None, :] <= torch.arange(n_q)[:, None] + n_k - n_q)
+    probs = scores.masked_fill(~keep, float("-inf")).softmax(-1)
+    probs = torch.where(keep.any(-1, keepdim=True), probs, 0.0)
+    return torch.einsum("bhmn,bnhd->bmhd", probs, v)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_left_padded_keys(backend, causal):
+    """`k_leftpad` (rows of a left-padded KV cache, flash-attn's cache_leftpad): row b attends its key slots from
+    k_leftpad[b] on, the queries stay the rows' last slots, and a query left of its row's keys gives 0; float64
+    oracle, forward and backward, and no gradient reaches the padding slots."""
+    usable, why_not = attention_backends("cpu")[backend]
+    if not usable:
+        pytest.skip(why_not)
+    batch, n_q, n_k = 3, 3, 21
+    leftpad = torch.tensor([0, 5, 19])  # the last row: 2 keys, so causally its first query sees none
+    q, k_rot, v, q_ids, inv_freq = _case((n_q,) * batch, (n_k,) * batch, torch.float32, seed=2)
+    rows = lambda x, n: x.reshape(batch, n, *x.shape[1:])  # noqa: E731  [B, S, H, D]
+    leaves = [rows(x, n).clone().requires_grad_() for x, n in ((q, n_q), (k_rot, n_k), (v, n_k))]
+    out = rope_attention(*leaves, q_ids.reshape(batch, n_q), SPEC, causal=causal, layout="bshd", k_rotated=True,
+                         k_leftpad=leftpad.to(torch.int32), backend=backend)
+
+    leaves64 = [x.detach().to(torch.float64).requires_grad_() for x in leaves]
+    q_rot64 = rope_oracle(leaves64[0], q_ids.reshape(batch, n_q), inv_freq)
+    want = _left_padded_oracle(q_rot64, leaves64[1], leaves64[2], leftpad, causal)
+    torch.testing.assert_close(out.to(torch.float64), want, rtol=1e-5, atol=1e-5)
+    if causal:
+        assert torch.equal(out[2, 0], torch.zeros_like(out[2, 0])), "a query that sees no key must give 0"
+    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    want.backward(grad)
+    out.backward(grad.to(torch.float32))
+    for name, got, expected in zip(("dq", "dk_rot", "dv"), leaves, leaves64):
+        torch.testing.assert_close(got.grad.to(torch.float64), expected.grad, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+    for grad_kv in (leaves[1].grad, leaves[2].grad):
+        assert not grad_kv[1, :5].any() and not grad_kv[2, :19].any(), "gradient at padding slots"
+
+
+@pytest.mark.parametrize("what,kwargs,message", [
+    ("packed layout", dict(layout="thd"), "layout 'bhsd' or 'bshd'"),
+    ("wrong shape", dict(k_leftpad=torch.zeros(2, dtype=torch.int32)), r"\[batch\] = \[1\]"),
+    ("float", dict(k_leftpad=torch.zeros(1)), "int32 or int64"),
+    ("past the keys", dict(k_leftpad=torch.tensor([8])), r"in \[0, 7\]"),
+    ("cuda backend", dict(backend="cuda"), "no k_leftpad"),
+])
+def test_bad_leftpad_is_named(what, kwargs, message):
+    k_leftpad = kwargs.pop("k_leftpad", torch.zeros(1, dtype=torch.int32))
+    if kwargs.get("layout") == "thd":
+        q, k = torch.randn(3, 4, 32), torch.randn(3, 2, 32)
+    else:
+        q, k = torch.randn(1, 4, 3, 32), torch.randn(1, 2, 7, 32)
+    kwargs.setdefault("backend", "torch")
+    with pytest.raises((ValueError, TypeError, NotImplementedError), match=message):
+        rope_attention(q, k, k.clone(), None, SPEC, k_rotated=True, k_leftpad=k_leftpad, **kwargs)
 
 
 def test_keys_rotated_by_apply_rope_alone_match_joint_rotation():

@@ -408,8 +408,8 @@ def test_opcheck(backend):
     q, k, v = (torch.randn(1, 16, h, 32, dtype=torch.float32) for h in (2, 1, 1))
     spec = RopeSpec.from_params(32)
     pos = torch.arange(16)[None]
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), pos, spec.inv_freq, None, None, 1.0, 0.2, True,
-            "bshd", False, True, False, backend)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), pos, spec.inv_freq, None, None, None, 1.0, 0.2,
+            True, "bshd", False, True, False, backend)
     torch.library.opcheck(torch.ops.ctxext.rope_attention.default, args)
 
 
@@ -419,7 +419,12 @@ def test_opcheck_rotated_keys_and_rope_keys():
     spec = RopeSpec.from_params(32)
     cu_q, cu_k = torch.tensor([0, 2, 5], dtype=torch.int32), torch.tensor([0, 4, 9], dtype=torch.int32)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), torch.arange(5)[None], spec.inv_freq, cu_q,
-            cu_k, 1.0, 0.2, True, "thd", False, True, True, "torch")
+            cu_k, None, 1.0, 0.2, True, "thd", False, True, True, "torch")
+    torch.library.opcheck(torch.ops.ctxext.rope_attention.default, args)
+    # rows of left-padded keys (k_leftpad)
+    q, k, v = torch.randn(2, 3, 2, 32), torch.randn(2, 7, 1, 32), torch.randn(2, 7, 1, 32)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), torch.arange(4, 7).expand(2, 3), spec.inv_freq,
+            None, None, torch.tensor([0, 5], dtype=torch.int32), 1.0, 0.2, True, "bshd", False, True, True, "torch")
     torch.library.opcheck(torch.ops.ctxext.rope_attention.default, args)
     keys = torch.randn(1, 6, 2, 32, requires_grad=True)
     torch.library.opcheck(torch.ops.ctxext.rope_keys.default,

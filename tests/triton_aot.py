@@ -48,9 +48,10 @@ class AttentionCase:
     varlen: bool = False
     interleaved: bool = False
     partial: bool = False  # rotary_dim = head_dim / 2
+    leftpad: bool = False  # per-row key starts (padded batches, static caches)
 
     def __str__(self):
-        flags = [name for name in ("varlen", "interleaved", "partial") if getattr(self, name)]
+        flags = [name for name in ("varlen", "interleaved", "partial", "leftpad") if getattr(self, name)]
         return " ".join(["attention", self.dtype, f"d{self.head_dim}", "causal" if self.causal else "full", *flags])
 
 
@@ -64,7 +65,9 @@ ATTENTION_CASES = {str(c): c for c in (
       if dtype != "fp32" or head_dim <= 128),  # fp32 stops at 128 (see ops/triton_configs.py)
     AttentionCase("bf16", 128),  # and the most common shape as it is (Llama, Mistral, Qwen: no flag)
     # combinations that once spilled on sm_100 while the cycle's passed (a sweep of all 16 flag combinations)
-    AttentionCase("bf16", 64, partial=True), AttentionCase("bf16", 256, varlen=True))}
+    AttentionCase("bf16", 64, partial=True), AttentionCase("bf16", 256, varlen=True),
+    # batched generation from left-padded prompts (the ctxext attention backend's padding masks)
+    AttentionCase("bf16", 128, leftpad=True), AttentionCase("fp16", 64, causal=False, leftpad=True))}
 ROPE_CASES = {  # name: (dtype, head_dim, rotary_dim, interleaved, conjugate, exact, with_k)
     "rope bf16 half-split": (torch.bfloat16, 128, 128, False, False, True, True),
     "rope fp16 interleaved backward": (torch.float16, 64, 64, True, True, True, True),
@@ -107,7 +110,7 @@ def attention_launch(case: AttentionCase, kernels=("fwd", "dq", "dkdv"), rotate:
     positions, inv_freq = _meta(batch, 64, dtype=torch.int64), _meta(rotary_dim // 2, dtype=torch.float32)
     cu_seqlens = torch.tensor([0, 20, 64], dtype=torch.int32) if case.varlen else None
     flags = dict(scaling=1.0, softmax_scale=head_dim ** -0.5, causal=case.causal, interleaved=case.interleaved,
-                 exact=True, rotate=rotate)
+                 exact=True, rotate=rotate, k_leftpad=torch.zeros(batch, dtype=torch.int32) if case.leftpad else None)
     if "fwd" in kernels:
         triton_attention.attention_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens, **flags)
     if "dq" in kernels or "dkdv" in kernels:

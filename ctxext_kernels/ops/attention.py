@@ -74,22 +74,26 @@ def _token_segments(n_tokens: int, cu_seqlens: torch.Tensor | None, device
     return segment, tokens - cu[segment], (cu[1:] - cu[:-1])[segment]
 
 
-def _keep_mask(n_q: int, n_k: int, cu_seqlens, cu_seqlens_k, causal: bool, device) -> torch.Tensor:
+def _keep_mask(n_q: int, n_k: int, cu_seqlens, cu_seqlens_k, k_leftpad, causal: bool, device) -> torch.Tensor:
     """`[n_q, n_k]` True where a query may attend a key: same sequence and, when causal, key index <= query index +
-    (keys - queries) of that sequence (bottom-right alignment: the last query sees every key of its sequence)."""
+    (keys - queries) of that sequence (bottom-right alignment: the last query sees every key of its sequence).
+    With `k_leftpad` `[B]`: `[B, 1, n_q, n_k]`, and row b's keys before slot k_leftpad[b] are padding."""
     q_seg, q_idx, q_len = _token_segments(n_q, cu_seqlens, device)
     k_seg, k_idx, k_len = _token_segments(n_k, cu_seqlens if cu_seqlens_k is None else cu_seqlens_k, device)
     keep = q_seg[:, None] == k_seg[None, :]
     if causal:
         keep = keep & (k_idx[None, :] <= q_idx[:, None] + k_len[None, :] - q_len[:, None])
+    if k_leftpad is not None:
+        keep = keep & (k_idx >= k_leftpad.to(device)[:, None, None, None])
     return keep
 
 
-def _reference_parts(q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal,
-                     interleaved, exact, k_rotated):
+def _reference_parts(q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, k_leftpad, scaling, softmax_scale,
+                     causal, interleaved, exact, k_rotated):
     """fp32 pieces of the reference: rotated q `[B,Sq,Hq,D]`, rotated k and v repeated to Hq heads, the
-    probabilities `[B,Hq,Sq,Sk]`, the base-e log-sum-exp `[B,Hq,Sq]` and cos/sin `[B,Sq,1,D/2]` of the queries
-    (k_rotated: k already carries its rotation; else Sk == Sq and k turns by the queries' angles)."""
+    probabilities `[B,Hq,Sq,Sk]` (0 for a query that sees no key), the base-e log-sum-exp `[B,Hq,Sq]` (-inf there)
+    and cos/sin `[B,Sq,1,D/2]` of the queries (k_rotated: k already carries its rotation; else Sk == Sq and k turns
+    by the queries' angles)."""
     cos, sin = reference.rope_angles_cos_sin(positions, inv_freq, scaling, exact=exact)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     group = q.shape[2] // k.shape[2]
@@ -97,10 +101,11 @@ def _reference_parts(q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, sca
     k_rot = (k if k_rotated else reference.rotate(k, cos, sin, interleaved)).float().repeat_interleave(group, dim=2)
     v_rep = v.float().repeat_interleave(group, dim=2)
     scores = torch.einsum("bmhd,bnhd->bhmn", q_rot, k_rot) * softmax_scale
-    keep = _keep_mask(q.shape[1], k.shape[1], cu_seqlens, cu_seqlens_k, causal, q.device)
+    keep = _keep_mask(q.shape[1], k.shape[1], cu_seqlens, cu_seqlens_k, k_leftpad, causal, q.device)
     scores = scores.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    return q_rot, k_rot, v_rep, torch.softmax(scores, dim=-1), lse, cos, sin
+    probs = torch.softmax(scores, dim=-1).masked_fill(~keep.any(-1, keepdim=True), 0.0)  # softmax of none: NaN
+    return q_rot, k_rot, v_rep, probs, lse, cos, sin
 
 
 def _reference_attention(q, k, v, positions, inv_freq, *flags):
@@ -110,12 +115,12 @@ def _reference_attention(q, k, v, positions, inv_freq, *flags):
     return out.to(q.dtype), (lse * _LOG2E).transpose(1, 2)
 
 
-def _reference_attention_backward(grad_out, q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling,
-                                  softmax_scale, causal, interleaved, exact, k_rotated):
+def _reference_attention_backward(grad_out, q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, k_leftpad,
+                                  scaling, softmax_scale, causal, interleaved, exact, k_rotated):
     """The attention backward written out (custom-op bodies run without autograd): canonical dq, dk, dv."""
     q_rot, k_rot, v_rep, probs, _, cos, sin = _reference_parts(q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k,
-                                                               scaling, softmax_scale, causal, interleaved, exact,
-                                                               k_rotated)
+                                                               k_leftpad, scaling, softmax_scale, causal, interleaved,
+                                                               exact, k_rotated)
     grad_out = grad_out.float()
     out = torch.einsum("bhmn,bnhd->bmhd", probs, v_rep)
     grad_probs = torch.einsum("bmhd,bnhd->bhmn", grad_out, v_rep)
@@ -194,11 +199,12 @@ def _cuda_backward(grad_out, q_rot, k_rot, v, out, lse, dq, dk_rot, dv, position
 
 
 def fused_forward(backend, q, k, v, out, lse, positions, inv_freq, cu_seqlens, scaling, softmax_scale, causal,
-                  interleaved, exact, rotate=True, *, cu_seqlens_k=None, k_rotated=False) -> None:
+                  interleaved, exact, rotate=True, *, cu_seqlens_k=None, k_rotated=False, k_leftpad=None) -> None:
     """Run a fused backend's forward into out `[B,Sq,Hq,D]` and lse fp32 `[B,Sq,Hq]` (canonical views).
 
     q `[B,Sq,Hq,D]` is unrotated; k, v `[B,Sk,Hk,D]`: k unrotated at the queries' positions (Sk == Sq), or already
-    rotated (`k_rotated`: Sk >= Sq, packed keys delimited by `cu_seqlens_k`, default `cu_seqlens`). Unrotated keys
+    rotated (`k_rotated`: Sk >= Sq, packed keys delimited by `cu_seqlens_k`, default `cu_seqlens`); `k_leftpad`
+    int32 `[B]` (Triton only): row b's keys start at slot k_leftpad[b]. Unrotated keys
     are rotated once here by the backend's RoPE kernel; the attention kernel then rotates only Q, once per Q tile.
     `rotate=False` runs the same kernels without RoPE: the benchmark's measure of what the rotation costs.
     """
@@ -208,18 +214,19 @@ def fused_forward(backend, q, k, v, out, lse, positions, inv_freq, cu_seqlens, s
         k = k_rot
     cu_seqlens_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     if backend == "cuda":
+        assert k_leftpad is None, "rope_attention refuses k_leftpad for the CUDA backend"
         _cuda_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal,
                       interleaved, exact, rotate)
         return
     from . import triton_attention
 
     triton_attention.attention_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling,
-                                       softmax_scale, causal, interleaved, exact, rotate)
+                                       softmax_scale, causal, interleaved, exact, rotate, k_leftpad)
 
 
 def fused_backward(backend, grad_out, q, k, v, out, lse, dq, dk, dv, positions, inv_freq, cu_seqlens, scaling,
                    softmax_scale, causal, interleaved, exact, rotate=True, *, cu_seqlens_k=None,
-                   k_rotated=False) -> None:
+                   k_rotated=False, k_leftpad=None) -> None:
     """Run a fused backend's backward into dq, dk, dv: gradients of the unrotated q, of k as it came in (unrotated,
     or rotated with `k_rotated`) and of v; arguments as `fused_forward`.
 
@@ -236,6 +243,7 @@ def fused_backward(backend, grad_out, q, k, v, out, lse, dq, dk, dv, positions, 
              False, exact)
     cu_seqlens_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     if backend == "cuda":
+        assert k_leftpad is None, "rope_attention refuses k_leftpad for the CUDA backend"
         _cuda_backward(grad_out, q_rot, k_rot, v, out, lse, dq, dk, dv, positions, inv_freq, cu_seqlens, cu_seqlens_k,
                        scaling, softmax_scale, causal, interleaved, exact, rotate)
     else:
@@ -243,7 +251,7 @@ def fused_backward(backend, grad_out, q, k, v, out, lse, dq, dk, dv, positions, 
 
         triton_attention.attention_backward(grad_out, q_rot, k_rot, v, out, lse, dq, dk, dv, positions, inv_freq,
                                             cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal, interleaved,
-                                            exact, rotate)
+                                            exact, rotate, k_leftpad)
     if rotate_k:
         rope(dk, None, dk, None, positions, inv_freq, scaling, interleaved, True, exact)
 
@@ -257,67 +265,72 @@ def _lse_shape(q: torch.Tensor, layout: str) -> tuple[int, int, int]:
 @torch.library.custom_op("ctxext::rope_attention", mutates_args=())
 def _rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                     inv_freq: torch.Tensor, cu_seqlens: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
-                    scaling: float, softmax_scale: float, causal: bool, layout: str, interleaved: bool, exact: bool,
-                    k_rotated: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                    k_leftpad: torch.Tensor | None, scaling: float, softmax_scale: float, causal: bool, layout: str,
+                    interleaved: bool, exact: bool, k_rotated: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(out in q's layout, lse fp32 `[B, Sq, Hq]` base 2); q unrotated, k unrotated unless k_rotated."""
     qc, kc, vc = (_canonical(x, layout) for x in (q, k, v))
     if backend == "torch":
-        out_c, lse = _reference_attention(qc, kc, vc, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling,
-                                          softmax_scale, causal, interleaved, exact, k_rotated)
+        out_c, lse = _reference_attention(qc, kc, vc, positions, inv_freq, cu_seqlens, cu_seqlens_k, k_leftpad,
+                                          scaling, softmax_scale, causal, interleaved, exact, k_rotated)
         out = torch.empty_like(q)
         _canonical(out, layout).copy_(out_c)
         return out, lse.contiguous()
     out, lse = torch.empty_like(q), q.new_empty(_lse_shape(q, layout), dtype=torch.float32)
     fused_forward(backend, qc, kc, vc, _canonical(out, layout), lse, positions, inv_freq, cu_seqlens, scaling,
-                  softmax_scale, causal, interleaved, exact, cu_seqlens_k=cu_seqlens_k, k_rotated=k_rotated)
+                  softmax_scale, causal, interleaved, exact, cu_seqlens_k=cu_seqlens_k, k_rotated=k_rotated,
+                  k_leftpad=k_leftpad)
     return out, lse
 
 
 @_rope_attention.register_fake
-def _(q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal, layout, interleaved,
-      exact, k_rotated, backend):
+def _(q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, k_leftpad, scaling, softmax_scale, causal, layout,
+      interleaved, exact, k_rotated, backend):
     return torch.empty_like(q), q.new_empty(_lse_shape(q, layout), dtype=torch.float32)
 
 
 @torch.library.custom_op("ctxext::rope_attention_backward", mutates_args=())
 def _rope_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              out: torch.Tensor, lse: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
-                             cu_seqlens: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None, scaling: float,
+                             cu_seqlens: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+                             k_leftpad: torch.Tensor | None, scaling: float,
                              softmax_scale: float, causal: bool, layout: str, interleaved: bool, exact: bool,
                              k_rotated: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the unrotated q, of k (unrotated unless k_rotated) and of v."""
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # the fused dK/dV kernel writes the keys it attends to: padding slots keep these zeros
+    new_kv = torch.empty_like if k_leftpad is None else torch.zeros_like
+    dq, dk, dv = torch.empty_like(q), new_kv(k), new_kv(v)
     if backend == "torch":
         grads = _reference_attention_backward(*(_canonical(x, layout) for x in (grad_out, q, k, v)), positions,
-                                              inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal,
-                                              interleaved, exact, k_rotated)
+                                              inv_freq, cu_seqlens, cu_seqlens_k, k_leftpad, scaling, softmax_scale,
+                                              causal, interleaved, exact, k_rotated)
         for dst, grad in zip((dq, dk, dv), grads):
             _canonical(dst, layout).copy_(grad)
         return dq, dk, dv
     fused_backward(backend, *(_canonical(x, layout) for x in (grad_out, q, k, v, out)), lse,
                    *(_canonical(x, layout) for x in (dq, dk, dv)), positions, inv_freq, cu_seqlens, scaling,
-                   softmax_scale, causal, interleaved, exact, cu_seqlens_k=cu_seqlens_k, k_rotated=k_rotated)
+                   softmax_scale, causal, interleaved, exact, cu_seqlens_k=cu_seqlens_k, k_rotated=k_rotated,
+                   k_leftpad=k_leftpad)
     return dq, dk, dv
 
 
 @_rope_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, scaling, softmax_scale, causal,
-      layout, interleaved, exact, k_rotated, backend):
+def _(grad_out, q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, k_leftpad, scaling, softmax_scale,
+      causal, layout, interleaved, exact, k_rotated, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, *flags = inputs
+    q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, k_leftpad, *flags = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k)
+    ctx.save_for_backward(q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, k_leftpad)
     ctx.flags = flags  # scaling, softmax_scale, causal, layout, interleaved, exact, k_rotated, backend
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k = ctx.saved_tensors
+    q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k, k_leftpad = ctx.saved_tensors
     dq, dk, dv = _rope_attention_backward(grad_out, q, k, v, out, lse, positions, inv_freq, cu_seqlens, cu_seqlens_k,
-                                          *ctx.flags)
-    return dq, dk, dv, *(None,) * 12
+                                          k_leftpad, *ctx.flags)
+    return dq, dk, dv, *(None,) * 13
 
 
 _rope_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -351,8 +364,8 @@ def _check_boundaries(q, k, layout, cu_seqlens, cu_seqlens_k, k_rotated) -> None
 def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor | None,
                    spec: RopeSpec, *, causal: bool = True, softmax_scale: float | None = None, layout: str = "bhsd",
                    cu_seqlens: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
-                   interleaved: bool = False, k_rotated: bool = False, backend: str | None = None,
-                   check_positions: bool = True) -> torch.Tensor:
+                   k_leftpad: torch.Tensor | None = None, interleaved: bool = False, k_rotated: bool = False,
+                   backend: str | None = None, check_positions: bool = True) -> torch.Tensor:
     """Attention over q and k rotated by their positions inside the kernel (rotated q/k never reach memory).
 
     Args:
@@ -368,13 +381,17 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_i
         softmax_scale: defaults to 1/sqrt(D).
         cu_seqlens: int `[num_seqs + 1]` boundaries of the packed query sequences ("thd"); no attention across them.
         cu_seqlens_k: the packed key sequences' boundaries when they differ from the queries' (k_rotated only).
+        k_leftpad: int `[B]` ("bhsd"/"bshd"; flash-attn's `cache_leftpad`): row b's keys start at slot k_leftpad[b],
+            the slots before it are padding. Causal alignment stays at the end of the key buffer, so a query left of
+            its row's first key sees no key: output 0. Not for backend "cuda".
         interleaved: GPT-J pairs.
         k_rotated: k already carries its rotation (`apply_rope`'s output, a cache of rotated keys), so it may be
             longer than q: `[B, Hk, Sk, D]` with Sk >= Sq, or packed with `cu_seqlens_k`.
         backend: "cuda" (hand-written, fp16/bf16, head_dim 64/128), "triton", "torch" or None (Triton on GPUs, the
             torch reference on CPU).
         check_positions: check the values of position_ids (in [0, 2^24)), cu_seqlens and cu_seqlens_k (from 0 to
-            the token counts, non-decreasing, at least as many keys as queries per sequence): one host sync;
+            the token counts, non-decreasing, at least as many keys as queries per sequence) and k_leftpad (in
+            [0, Sk]): one host sync;
             skipped under torch.compile. Pass False only for inputs known to be valid: the kernels trust the
             boundaries, and a bad one is an out-of-bounds memory access.
     Returns:
@@ -389,6 +406,10 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_i
     if n_q_heads < 1 or n_kv_heads < 1 or n_q_heads % n_kv_heads:
         raise ValueError(f"q heads ({n_q_heads}) must be a positive multiple of k/v heads ({n_kv_heads})")
     _check_boundaries(q, k, layout, cu_seqlens, cu_seqlens_k, k_rotated)
+    if k_leftpad is not None:
+        checks.check_leftpad(k_leftpad, q, layout)
+        if backend == "cuda":
+            raise NotImplementedError("the fused CUDA kernel has no k_leftpad (left-padded keys); use backend='triton'")
     backend = _pick(backend, q.device.type)
     head_dim = q.shape[-1]
     if backend == "triton":
@@ -402,12 +423,14 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_i
             raise ValueError(f"the fused CUDA kernel takes head_dim 64 or 128, got {head_dim}; use backend='triton'")
     positions = checks.positions_2d(position_ids, q, layout, cu_seqlens)
     seq_len = checks.check_values(positions, check=check_positions, want_max=spec.is_dynamic, cu_seqlens=cu_seqlens,
-                                  n_tokens=q.shape[0], cu_seqlens_k=cu_seqlens_k, n_keys=k.shape[0])
+                                  n_tokens=q.shape[0], cu_seqlens_k=cu_seqlens_k, n_keys=k.shape[0],
+                                  k_leftpad=k_leftpad, keys_per_row=checks.token_dims(k, layout)[-1])
     inv_freq = spec.inv_freq_for(seq_len) if spec.is_dynamic else spec.inv_freq
     inv_freq = inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
-    cu_seqlens, cu_seqlens_k = (None if cu is None else cu.to(torch.int32).contiguous()
-                                for cu in (cu_seqlens, cu_seqlens_k))
+    cu_seqlens, cu_seqlens_k, k_leftpad = (None if cu is None else cu.to(torch.int32).contiguous()
+                                           for cu in (cu_seqlens, cu_seqlens_k, k_leftpad))
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
-    out, _ = _rope_attention(q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, float(spec.attention_scaling),
+    out, _ = _rope_attention(q, k, v, positions, inv_freq, cu_seqlens, cu_seqlens_k, k_leftpad,
+                             float(spec.attention_scaling),
                              scale, causal, layout, interleaved, spec.angle == "exact", k_rotated, backend)
     return out

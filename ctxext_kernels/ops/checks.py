@@ -231,6 +231,20 @@ def check_cu_seqlens(name: str, cu, device: torch.device) -> None:
         raise ValueError(f"{name} is on {cu.device} but q is on {device}")
 
 
+def check_leftpad(k_leftpad, q: torch.Tensor, layout: str) -> None:
+    """Free checks of the keys' per-row left padding `[B]`; its values are checked by `check_values`."""
+    check_tensor("k_leftpad", k_leftpad)
+    if layout == "thd":
+        raise ValueError("k_leftpad pads the rows of a batch: use it with layout 'bhsd' or 'bshd' (packed sequences "
+                         "have cu_seqlens_k instead)")
+    if k_leftpad.dtype not in INDEX_DTYPES:
+        raise TypeError(f"k_leftpad must be int32 or int64, got {k_leftpad.dtype}")
+    if k_leftpad.shape != (q.shape[0],):
+        raise ValueError(f"k_leftpad must be [batch] = [{q.shape[0]}], got shape {tuple(k_leftpad.shape)}")
+    if k_leftpad.device != q.device:
+        raise ValueError(f"k_leftpad is on {k_leftpad.device} but q is on {q.device}")
+
+
 def positions_2d(position_ids, x: torch.Tensor, layout: str, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
     """position_ids as `[B, S]` matching x's tokens (`[1, T]` for "thd"), a view where possible (ids shared by the
     batch are expanded, stride 0). None: 0..S-1, per sequence of `cu_seqlens` for "thd" (checked statically by
@@ -265,9 +279,11 @@ def _positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Te
 
 
 def check_values(positions: torch.Tensor, *, check: bool, want_max: bool, cu_seqlens: torch.Tensor | None = None,
-                 n_tokens: int = 0, cu_seqlens_k: torch.Tensor | None = None, n_keys: int = 0) -> int | None:
+                 n_tokens: int = 0, cu_seqlens_k: torch.Tensor | None = None, n_keys: int = 0,
+                 k_leftpad: torch.Tensor | None = None, keys_per_row: int = 0) -> int | None:
     """The checks that read data, in one host sync: positions in [0, 2^24); cu_seqlens from 0 to n_tokens,
-    non-decreasing; cu_seqlens_k from 0 to n_keys, non-decreasing, at least as many keys as queries per sequence.
+    non-decreasing; cu_seqlens_k from 0 to n_keys, non-decreasing, at least as many keys as queries per sequence;
+    k_leftpad in [0, keys_per_row].
 
     Args:
         positions: int `[B, S]`.
@@ -292,15 +308,17 @@ def check_values(positions: torch.Tensor, *, check: bool, want_max: bool, cu_seq
                     stats[f"{name} step"] = (cu[1:] - cu[:-1]).min()
         if cu_seqlens is not None and cu_seqlens_k is not None and cu_seqlens.numel() > 1:
             stats["keys minus queries"] = (cu_seqlens_k.diff() - cu_seqlens.diff()).min()
+        if k_leftpad is not None and k_leftpad.numel():
+            stats["min k_leftpad"], stats["max k_leftpad"] = torch.aminmax(k_leftpad)
     if not stats:
         return 0
     values = dict(zip(stats, torch.stack([s.to(torch.int64) for s in stats.values()]).tolist()))
     if check:
-        _raise_on_bad_values(values, n_tokens, n_keys)
+        _raise_on_bad_values(values, n_tokens, n_keys, keys_per_row)
     return values.get("max position", -1) + 1
 
 
-def _raise_on_bad_values(values: dict[str, int], n_tokens: int, n_keys: int) -> None:
+def _raise_on_bad_values(values: dict[str, int], n_tokens: int, n_keys: int, keys_per_row: int) -> None:
     for name, total, what in (("cu_seqlens", n_tokens, "q's"), ("cu_seqlens_k", n_keys, "k's")):
         if f"{name} first" not in values:
             continue
@@ -314,6 +332,9 @@ def _raise_on_bad_values(values: dict[str, int], n_tokens: int, n_keys: int) -> 
     if values.get("keys minus queries", 0) < 0:
         raise ValueError("cu_seqlens_k: every sequence needs at least as many keys as queries (cu_seqlens), found "
                          f"one with {-values['keys minus queries']} fewer")
+    if not 0 <= values.get("min k_leftpad", 0) <= values.get("max k_leftpad", 0) <= keys_per_row:
+        raise ValueError(f"k_leftpad must lie in [0, {keys_per_row}] (the key slots of a row), found values in "
+                         f"[{values['min k_leftpad']}, {values['max k_leftpad']}]")
     if values.get("min position", 0) < 0:
         raise ValueError(f"position_ids must be non-negative, found {values['min position']}")
     if values.get("max position", 0) > MAX_POSITION:

@@ -11,9 +11,11 @@ FlashAttention-2 one (its dK is w.r.t. the rotated keys; whoever rotated them ro
 
 Tensors are canonical views: q, out `[B, Sq, Hq, D]`, k, v `[B, Sk, Hk, D]` with any strides and a contiguous last
 dim, Sk >= Sq; positions (the queries') `[B, Sq]`. Packed batches have B == 1 and `cu_seqlens_q` / `cu_seqlens_k`
-`[num_seqs + 1]`. Causal masking follows token order inside each sequence, not position ids (PoSE ids jump), aligned
-bottom-right: query i sees keys j <= i + Lk - Lq. The log-sum-exp (base 2) and the softmax correction term live in
-fp32 `[B, Sq, Hq]`. Any head_dim up to 256: tiles are padded to the next power of two with masked columns.
+`[num_seqs + 1]`; batched keys may start after per-row left padding (`k_leftpad` `[B]`, flash-attn's `cache_leftpad`:
+row b's keys are slots k_leftpad[b] ... Sk-1). Causal masking follows token order inside each sequence, not position
+ids (PoSE ids jump), aligned bottom-right: query i sees keys j <= i + Lk - Lq (a query that sees none: output 0).
+The log-sum-exp (base 2) and the softmax correction term live in fp32 `[B, Sq, Hq]`. Any head_dim up to 256: tiles
+are padded to the next power of two with masked columns.
 
 No launch reads anything back to the host: the grid is sized from shapes alone (see `_tile`).
 """
@@ -54,11 +56,17 @@ def _tile(cu_ptr, n_seqs, BLOCK: tl.constexpr, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _bounds(cu_ptr, seq, seqlen, VARLEN: tl.constexpr):
-    """(first token as int64, for offsets; length) of sequence `seq`."""
+def _bounds(cu_ptr, seq, seqlen, VARLEN: tl.constexpr, LEFTPAD: tl.constexpr):
+    """(first token as int64, for offsets; length) of sequence `seq`. LEFTPAD (batched keys only): `cu_ptr` holds
+    each row's count of left-padding slots, which the row's keys start after."""
     if VARLEN:
         start = tl.load(cu_ptr + seq)
         return start.to(tl.int64), tl.load(cu_ptr + seq + 1) - start
+    if LEFTPAD:
+        # the clamp (a no-op on checked inputs) also kept ptxas from capping sm_86's bf16 d128 forward at 128
+        # registers, where it spilled
+        start = tl.minimum(tl.load(cu_ptr + seq), seqlen)
+        return start.to(tl.int64), seqlen - start
     return tl.zeros([], tl.int64), seqlen
 
 
@@ -195,13 +203,13 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, pos_ptr, inv_freq_ptr, cu
                 seqlen_q, seqlen_k, n_seqs, group,
                 HEAD_DIM: tl.constexpr, DIM: tl.constexpr, ROTARY_DIM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-                INTERLEAVED: tl.constexpr, EXACT: tl.constexpr, FAST: tl.constexpr, SCALED: tl.constexpr,
-                ROTATE: tl.constexpr,
+                LEFTPAD: tl.constexpr, INTERLEAVED: tl.constexpr, EXACT: tl.constexpr, FAST: tl.constexpr,
+                SCALED: tl.constexpr, ROTATE: tl.constexpr,
                 MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     head = tl.program_id(1)
     seq, m_block = _tile(cu_q_ptr, n_seqs, BLOCK_M, VARLEN)
-    q_start, q_len = _bounds(cu_q_ptr, seq, seqlen_q, VARLEN)
-    k_start, k_len = _bounds(cu_k_ptr, seq, seqlen_k, VARLEN)
+    q_start, q_len = _bounds(cu_q_ptr, seq, seqlen_q, VARLEN, False)
+    k_start, k_len = _bounds(cu_k_ptr, seq, seqlen_k, VARLEN, LEFTPAD)
     if m_block * BLOCK_M < q_len:
         batch = 0 if VARLEN else seq.to(tl.int64)
         kv_head = (head // group).to(tl.int64)
@@ -272,15 +280,15 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, out_ptr, dq_ptr, lse_ptr, delta_
                    slb, sls, spb, sps, seqlen_q, seqlen_k, n_seqs, group,
                    HEAD_DIM: tl.constexpr, DIM: tl.constexpr, ROTARY_DIM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-                   INTERLEAVED: tl.constexpr, EXACT: tl.constexpr, FAST: tl.constexpr, SCALED: tl.constexpr,
-                ROTATE: tl.constexpr,
+                   LEFTPAD: tl.constexpr, INTERLEAVED: tl.constexpr, EXACT: tl.constexpr, FAST: tl.constexpr,
+                   SCALED: tl.constexpr, ROTATE: tl.constexpr,
                    MMA_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dQ of one Q block of one q head (q already rotated), rotated back in the epilogue. Runs first: it also writes
     the rows' softmax correction delta = rowsum(dO * O) for the dK/dV kernel."""
     head = tl.program_id(1)
     seq, m_block = _tile(cu_q_ptr, n_seqs, BLOCK_M, VARLEN)
-    q_start, q_len = _bounds(cu_q_ptr, seq, seqlen_q, VARLEN)
-    k_start, k_len = _bounds(cu_k_ptr, seq, seqlen_k, VARLEN)
+    q_start, q_len = _bounds(cu_q_ptr, seq, seqlen_q, VARLEN, False)
+    k_start, k_len = _bounds(cu_k_ptr, seq, seqlen_k, VARLEN, LEFTPAD)
     if m_block * BLOCK_M < q_len:
         batch = 0 if VARLEN else seq.to(tl.int64)
         kv_head = (head // group).to(tl.int64)
@@ -349,14 +357,14 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta
                      sm_scale, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh, sdkb, sdks, sdkh,
                      sdvb, sdvs, sdvh, slb, sls, seqlen_q, seqlen_k, n_seqs, group,
                      HEAD_DIM: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, MMA_DTYPE: tl.constexpr,
+                     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, LEFTPAD: tl.constexpr, MMA_DTYPE: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
     """dK (w.r.t. the rotated k) and dV of one K/V block of one kv head, summed over the q heads of its GQA group;
     q and k come in rotated, so this is the plain FlashAttention-2 dK/dV kernel."""
     kv_head = tl.program_id(1).to(tl.int64)
     seq, n_block = _tile(cu_k_ptr, n_seqs, BLOCK_N, VARLEN)
-    q_start, q_len = _bounds(cu_q_ptr, seq, seqlen_q, VARLEN)
-    k_start, k_len = _bounds(cu_k_ptr, seq, seqlen_k, VARLEN)
+    q_start, q_len = _bounds(cu_q_ptr, seq, seqlen_q, VARLEN, False)
+    k_start, k_len = _bounds(cu_k_ptr, seq, seqlen_k, VARLEN, LEFTPAD)
     if n_block * BLOCK_N < k_len:
         batch = 0 if VARLEN else seq.to(tl.int64)
         rows_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -390,14 +398,14 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, lse_ptr, delta
 
 
 # ------------------------------------------------------------------------------------------------- launchers
-def _tile_constants(q, cu_seqlens_q) -> dict:
+def _tile_constants(q, cu_seqlens_q, k_leftpad) -> dict:
     """Compile-time constants of the tiles, shared by the three kernels."""
     head_dim = q.shape[-1]
     # Triton's CPU interpreter computes bf16 dots wrongly: there the bf16-rounded operands are held in fp32, which is
     # the same arithmetic (bf16 x bf16 products are exact in fp32, accumulation is fp32 either way).
     mma_in_fp32 = q.dtype == torch.float32 or (q.device.type == "cpu" and q.dtype == torch.bfloat16)
     return dict(HEAD_DIM=head_dim, DIM=max(16, triton.next_power_of_2(head_dim)), VARLEN=cu_seqlens_q is not None,
-                MMA_DTYPE=tl.float32 if mma_in_fp32 else _TL_DTYPES[q.dtype],
+                LEFTPAD=k_leftpad is not None, MMA_DTYPE=tl.float32 if mma_in_fp32 else _TL_DTYPES[q.dtype],
                 # fp32 operands must not silently drop to tf32 on tensor cores; fp16/bf16 take the default
                 DOT_PRECISION="ieee" if mma_in_fp32 else None)
 
@@ -414,6 +422,11 @@ def _rope_constants(q, inv_freq, scaling: float, interleaved: bool, exact: bool,
                 FAST=q.device.type != "cpu")  # hardware cos/sin: compiled GPU code only (the interpreter has no PTX)
 
 
+def _key_bounds(positions, cu_seqlens_k, k_leftpad):
+    """The keys' bounds pointer (`_bounds`): cu_seqlens_k, k_leftpad, or a dummy (positions) when neither."""
+    return cu_seqlens_k if cu_seqlens_k is not None else k_leftpad if k_leftpad is not None else positions
+
+
 def _n_seqs(cu_seqlens) -> int:
     return 0 if cu_seqlens is None else cu_seqlens.numel() - 1
 
@@ -426,40 +439,43 @@ def _grid(x, cu_seqlens, heads: int, block: int) -> tuple[int, int, int]:
 
 
 def attention_forward(q, k, v, out, lse, positions, inv_freq, cu_seqlens_q, cu_seqlens_k, scaling: float,
-                      softmax_scale: float, causal: bool, interleaved: bool, exact: bool, rotate: bool = True) -> None:
+                      softmax_scale: float, causal: bool, interleaved: bool, exact: bool, rotate: bool = True,
+                      k_leftpad: torch.Tensor | None = None) -> None:
     """Fused forward into out `[B,Sq,Hq,D]` (q's dtype) and lse `[B,Sq,Hq]` (fp32, base-2 log-sum-exp of the scaled
     scores). q `[B,Sq,Hq,D]` unrotated, k (rotated) / v `[B,Sk,Hk,D]`, positions `[B,Sq]` (the queries'), inv_freq
-    fp32 `[rotary_dim/2]`; packed: B == 1 and cu_seqlens_q / cu_seqlens_k int32 `[N+1]` (both or neither)."""
+    fp32 `[rotary_dim/2]`; packed: B == 1 and cu_seqlens_q / cu_seqlens_k int32 `[N+1]` (both or neither); or
+    batched with int32 `k_leftpad` `[B]`: row b's keys are slots k_leftpad[b] ... Sk-1 (queries left of them see
+    no key: output 0, lse -inf)."""
     config = triton_configs.attention_config("fwd", q.shape[-1], q.dtype, triton_configs.capability(q.device),
                                              rotate and _gathered(q, inv_freq, interleaved))
     grid = _grid(q, cu_seqlens_q, q.shape[2], config.block_m)
     if grid[0] * grid[2] == 0:
         return
     cu_q = positions if cu_seqlens_q is None else cu_seqlens_q  # a dummy pointer when not packed
-    cu_k = positions if cu_seqlens_k is None else cu_seqlens_k
+    cu_k = _key_bounds(positions, cu_seqlens_k, k_leftpad)
     with triton_configs.device_guard(q):
         _fwd_kernel[grid](q, k, v, out, lse, positions, inv_freq, cu_q, cu_k, float(scaling),
                           float(softmax_scale) * LOG2E,
                           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
                           *positions.stride(), q.shape[1], k.shape[1], _n_seqs(cu_seqlens_q), q.shape[2] // k.shape[2],
                           BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=causal, num_warps=config.num_warps,
-                          num_stages=config.num_stages, **_tile_constants(q, cu_seqlens_q),
+                          num_stages=config.num_stages, **_tile_constants(q, cu_seqlens_q, k_leftpad),
                           **_rope_constants(q, inv_freq, scaling, interleaved, exact, rotate))
 
 
 def attention_backward(grad_out, q_rot, k, v, out, lse, dq, dk, dv, positions, inv_freq, cu_seqlens_q, cu_seqlens_k,
                        scaling: float, softmax_scale: float, causal: bool, interleaved: bool, exact: bool,
-                       rotate: bool = True) -> None:
+                       rotate: bool = True, k_leftpad: torch.Tensor | None = None) -> None:
     """Fused backward into dq (w.r.t. the unrotated q when `rotate`: rotated back in the dQ kernel's epilogue), dk
     (w.r.t. the rotated k) and dv. q_rot: q rotated by the RoPE op (q itself without `rotate`); the rest as
-    `attention_forward`."""
+    `attention_forward` (with `k_leftpad`, dk and dv are not written at the padding slots)."""
     n_q_heads, n_kv_heads = q_rot.shape[2], k.shape[2]
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dQ kernel, read by the dK/dV kernel
     capability = triton_configs.capability(q_rot.device)
     cu_q = positions if cu_seqlens_q is None else cu_seqlens_q
-    cu_k = positions if cu_seqlens_k is None else cu_seqlens_k
-    tiles = _tile_constants(q_rot, cu_seqlens_q)
+    cu_k = _key_bounds(positions, cu_seqlens_k, k_leftpad)
+    tiles = _tile_constants(q_rot, cu_seqlens_q, k_leftpad)
     qk_scale = float(softmax_scale) * LOG2E
     lengths = (q_rot.shape[1], k.shape[1], _n_seqs(cu_seqlens_q), n_q_heads // n_kv_heads)
     dq_config = triton_configs.attention_config("dq", q_rot.shape[-1], q_rot.dtype, capability,
