@@ -170,7 +170,11 @@ def attention_module(config):
     return module
 
 
-@pytest.mark.parametrize("mode", ["batched", "packed ids", "cu_seq_lens", "kv cache", "padded", "static cache"])
+PADDING = {"padded": [4, 0], "right padded": [0, -3], "gaps": [(2, 5), 0]}  # per row: left (+n), right (-n), hole
+
+
+@pytest.mark.parametrize("mode", ["batched", "packed ids", "cu_seq_lens", "kv cache", "padded", "right padded", "gaps",
+                                  "static cache"])
 def test_attention_function(mode):
     """`ctxext_attention_forward` on unrotated queries and keys rotated by transformers' own rotary embedding ==
     transformers' sdpa attention on both rotated, with the equivalent explicit mask."""
@@ -201,9 +205,10 @@ def test_attention_function(mode):
             kwargs["cu_seq_lens_q"] = torch.tensor([0, 5, 9, 12], dtype=torch.int32)
     elif mode == "kv cache":  # the last 3 tokens are new queries against all 10 cached (rotated) keys
         n_new = 3
-    elif mode == "padded":  # row 0 left-padded by 4
+    elif mode in PADDING:  # row 0 left-padded by 4, right-padded by 3, or with a hole at tokens 2-4
         mask = torch.ones(batch, seq, dtype=torch.bool)
-        mask[0, :4] = False
+        for row, pad in enumerate(PADDING[mode]):
+            mask[row, slice(*pad) if isinstance(pad, tuple) else slice(pad) if pad >= 0 else slice(pad, None)] = False
         keep = keep & mask[:, None, None, :]
     elif mode == "static cache":  # a preallocated buffer of 14 slots, 10 written: the mask covers those
         mask = torch.ones(batch, seq, dtype=torch.bool)
@@ -213,10 +218,35 @@ def test_attention_function(mode):
     got, weights = ctxext_attention_forward(module, q[:, :, -n_new:].float(), k_rot.float(), v.float(), mask,
                                             position_ids=pos[:, -n_new:], **kwargs)
     assert weights is None
-    if mode == "padded":  # padded queries: zeros (flash convention) where sdpa has garbage
-        assert torch.all(got[0, :4] == 0)
-        got, want = got[:, 4:], want[:, 4:]
+    if mask is not None:  # padded queries: zeros (flash convention) where sdpa has garbage
+        assert torch.all(got[~mask] == 0)
+        got, want = got[mask], want[mask]
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_padding_mask_has_no_graph_break_and_gaps_are_named():
+    """Under torch.compile(fullgraph=True) a padding mask takes no host sync (left and right padding: the per-row
+    first key), giving the eager outputs; a mask with a gap inside a row cannot be served without one and fails a
+    device-side assert that says so (eager serves it by unpadding)."""
+    from ctxext_kernels.integrations.attention_backend import SPEC_ATTRIBUTE, ctxext_attention_forward
+
+    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    module = attention_module(config)
+    module.__dict__[SPEC_ATTRIBUTE] = RopeSpec.from_hf_config(config)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, 10, 16, generator=g) for h in (4, 2, 2))
+    pos = torch.arange(10).expand(2, 10)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0, :4], mask[1, 7:] = False, False  # one left-padded row, one right-padded
+    torch._dynamo.reset()
+    compiled = torch.compile(ctxext_attention_forward, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(module, q, k, v, mask, position_ids=pos)[0],
+                               ctxext_attention_forward(module, q, k, v, mask, position_ids=pos)[0])
+    mask[1] = torch.tensor([True] * 3 + [False] * 2 + [True] * 5)
+    eager = ctxext_attention_forward(module, q, k, v, mask, position_ids=pos)[0]  # served, unpadded
+    assert torch.isfinite(eager).all()
+    with pytest.raises(RuntimeError, match="padding between tokens of a row"):
+        compiled(module, q, k, v, mask, position_ids=pos)
 
 
 @pytest.mark.parametrize("what,family,overrides,call,message", [

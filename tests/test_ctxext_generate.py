@@ -106,20 +106,21 @@ def test_static_cache_without_attention_mask():
     torch.testing.assert_close(logits[0, -1], want[1][0, 0], atol=2e-5, rtol=2e-5)
 
 
-def test_static_cache_generation_under_torch_compile():
+def test_static_cache_generation_under_torch_compile_fullgraph():
     """With a static cache, transformers' generate compiles the model's forward (on GPUs by default; forced here on
-    the CPU): the compiled decode steps give what the eager ones give. (Graph breaks are allowed, as generate's
-    default CompileConfig allows them: ctxext syncs to count a static cache's written slots.)"""
+    the CPU). With `fullgraph=True` any graph break raises: a left-padded batch decodes inside one graph (no host
+    sync: the padding reaches the kernels as per-row key starts), and the compiled steps give what eager ones give."""
     input_ids, attention_mask = padded_prompts()
     model = build("llama", ATTN_IMPLEMENTATION)
     want = generate(model, input_ids, attention_mask=attention_mask, cache_implementation="static")
-    compile_config = transformers.CompileConfig(mode="default")
+    compile_config = transformers.CompileConfig(fullgraph=True, mode="default")
     compile_config._compile_all_devices = True  # transformers' switch to compile on the CPU too
     torch._dynamo.reset()
     compiled_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     got = generate(model, input_ids, attention_mask=attention_mask, cache_implementation="static",
                    compile_config=compile_config)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > compiled_before, "generate did not compile"
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     assert_same_generation(got, want)
 
 

@@ -20,18 +20,22 @@ What is served (the masks follow transformers' FlashAttention-2 convention: None
 when some key is padding or, with a preallocated static cache, not written yet):
 - no mask: batches of equal-length rows, with or without a KV cache (queries are the rows' last tokens); packed rows
   (`cu_seq_lens_q`/`cu_seq_lens_k`, or a single row whose position ids restart) attend within each sequence;
-- a padding mask (left/right padding, static caches): unpadded to packed sequences with `cu_seqlens`/`cu_seqlens_k`,
-  attended, padded back with zeros, as transformers' flash path does; `is_causal=False` (bidirectional) too;
+- a padding mask (left/right padding, static caches): each row's keys start at its first unpadded slot (the kernels'
+  `k_leftpad`), outputs at padded queries are 0; a mask with padding between a row's tokens is unpadded to packed
+  sequences with `cu_seqlens`/`cu_seqlens_k`, attended and padded back, as transformers' flash path does;
+  `is_causal=False` (bidirectional) too;
 - sliding windows that cannot cut anything off (window >= the longest sequence of keys; e.g. every decode step of a
   sliding-window cache).
 Refused with a named error (never ignored): attention dropout, logit soft-capping, a sliding window shorter than the
 keys, 4-D masks, custom mask functions, `output_attentions=True`, and any keyword argument it does not know.
 
 Host syncs: none in the training path (unpadded rows, no mask, increasing or PoSE-skipped position ids, a batch of
-more than one row), so it compiles with `torch.compile(fullgraph=True)`. A single row's position ids are searched for
-restarts (packing, one sync per layer, like transformers' flash path); a padding mask costs syncs per layer to unpad
-(like transformers' flash path); building the mask syncs once per forward when a mask is given (does it pad
-anything?) or a static cache has none (how many keys are written? under transformers 4.x: any cache).
+more than one row) and none under `torch.compile` with a padding mask, so a training step and a static-cache decode
+step each compile with `torch.compile(fullgraph=True)` (a mask with gaps then fails a device-side assert). Eager, a
+padding mask costs one sync per layer (gaps?) and more to unpad one that has gaps; a single row's position ids are
+searched for restarts (packing, one sync per layer, like transformers' flash path); building the mask syncs once per
+forward when a mask is given (does it pad anything?) or a static cache has none (how many keys are written? under
+transformers 4.x: any cache).
 """
 
 from __future__ import annotations
@@ -87,7 +91,11 @@ def ctxext_attention_mask(batch_size: int, kv_length: int, kv_offset: int = 0,
                                   f"window masks only, not extra mask functions (or_mask/and_mask): {_INSTEAD}")
     if attention_mask is not None:
         mask = attention_mask[:, -kv_length:].bool()
-        if mask.shape[-1] == kv_length and not torch.compiler.is_compiling() and bool(mask.all()):
+        # A static cache (q_offset a tensor) keeps its mask even when full: the compiled forward builds its mask again
+        # from this one, and from None it would have to read q_offset on the host.
+        static_cache = isinstance(q_offset, torch.Tensor) and cache_position is None
+        if (mask.shape[-1] == kv_length and not static_cache and not torch.compiler.is_compiling()
+                and bool(mask.all())):
             return None
         return mask
     if cache_position is not None:
@@ -141,7 +149,7 @@ def ctxext_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     flags = dict(causal=causal, softmax_scale=scaling, k_rotated=True, check_positions=False)
 
     if attention_mask is not None:
-        return _unpadded_attention(query, key, value, attention_mask, positions, spec, sliding_window, flags), None
+        return _masked_attention(query, key, value, attention_mask, positions, spec, sliding_window, flags), None
     if cu_seq_lens_q is None and batch == 1 and q_len == key.shape[2] > 1:
         cu_seq_lens_q = _packed_boundaries(positions[0])
     if cu_seq_lens_q is None:
@@ -190,12 +198,16 @@ def _check_window(sliding_window: int | None, key_bound: int, longest_keys) -> N
                                   f"{_INSTEAD}")
 
 
-def _unpadded_attention(query, key, value, mask, positions, spec, sliding_window, flags) -> torch.Tensor:
-    """Attention over the keys `mask` `[B, L]` marks, as packed sequences: `[B, Sq, Hq, D]`, zero at padded queries.
+def _masked_attention(query, key, value, mask, positions, spec, sliding_window, flags) -> torch.Tensor:
+    """Attention over the keys `mask` `[B, L]` marks: `[B, Sq, Hq, D]`, zero at padded queries.
 
-    The first L key slots are the written ones (a static cache allocates more), the queries are the last Sq of them;
-    both are gathered into "thd" sequences with their own `cu_seqlens`, so each query sees the keys of its row up to
-    itself (causal alignment at the end of each row). Host syncs: the token counts of the gathers.
+    The first L key slots are the written ones (a static cache allocates more), the queries are the last Sq of them.
+    Each row's keys start at its first marked slot (`k_leftpad`), so left padding, which batched generation uses,
+    costs nothing: the kernel attends views of the written slots and reads no data on the host, which keeps a
+    static-cache decode step inside one `torch.compile(fullgraph=True)` graph. That is exact unless a query would see
+    a padding slot after its row's first key (a gap: right padding followed by more tokens; with `is_causal=False`,
+    any padding after the first key). Eager, one host sync finds gaps and such batches take `_gathered_attention`;
+    compiled, a device-side assert names them.
     """
     batch, n_heads, q_len, head_dim = query.shape
     key_len = mask.shape[-1]
@@ -204,11 +216,33 @@ def _unpadded_attention(query, key, value, mask, positions, spec, sliding_window
                          "queries: the mask must cover at least the queries and at most the keys")
     key_mask = mask.bool()
     query_mask = key_mask[:, key_len - q_len:]
-    _check_window(sliding_window, key_len, lambda: int(key_mask.sum(-1).max()))
-    if bool(key_mask.all()):  # a static cache, nothing padded: attend its written slots (views, no gather)
-        key, value = key[:, :, :key_len], value[:, :, :key_len]
-        return rope_attention(query, key, value, positions, spec, layout="bhsd", **flags).transpose(1, 2)
+    slots = torch.arange(key_len, device=key_mask.device)
+    leftpad = torch.where(key_mask, slots, key_len).amin(-1)  # a row with no key: key_len, so it attends nothing
+    # padding slots from each row's first key up to each query (all of them when every query sees every key)
+    padding_seen = torch.cumsum(~key_mask, -1) - leftpad[:, None]
+    if flags["causal"]:
+        gaps = (query_mask & (padding_seen[:, key_len - q_len:] > 0)).any()
+    else:
+        gaps = (query_mask.any(-1) & (padding_seen[:, -1] > 0)).any()
+    if torch.compiler.is_compiling():
+        torch._assert_async(~gaps, f"attn_implementation={ATTN_IMPLEMENTATION!r} under torch.compile serves "
+                            "left- and right-padded rows, not padding between tokens of a row; run it eagerly")
+    elif bool(gaps):
+        return _gathered_attention(query, key, value, key_mask, positions, spec, sliding_window, flags)
+    _check_window(sliding_window, key_len, lambda: int((key_len - leftpad).max()))
+    out = rope_attention(query, key[:, :, :key_len], value[:, :, :key_len], positions, spec, layout="bhsd",
+                         k_leftpad=leftpad.to(torch.int32), **flags).transpose(1, 2)
+    return out * query_mask[:, :, None, None]  # right-padded queries saw padding: 0, as the gathered path gives
 
+
+def _gathered_attention(query, key, value, key_mask, positions, spec, sliding_window, flags) -> torch.Tensor:
+    """`_masked_attention` for any mask: the kept queries and keys gathered into "thd" sequences with their own
+    `cu_seqlens`, so each query sees the keys of its row up to itself (causal alignment at the end of each row), and
+    scattered back. Host syncs: the token counts of the gathers."""
+    batch, n_heads, q_len, head_dim = query.shape
+    key_len = key_mask.shape[-1]
+    query_mask = key_mask[:, key_len - q_len:]
+    _check_window(sliding_window, key_len, lambda: int(key_mask.sum(-1).max()))
     rows_k, slots_k = key_mask.nonzero(as_tuple=True)  # the kept tokens, row after row
     rows_q, slots_q = query_mask.nonzero(as_tuple=True)
     k, v = key.transpose(1, 2)[rows_k, slots_k], value.transpose(1, 2)[rows_k, slots_k]  # [T, H, D]
