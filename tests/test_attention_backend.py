@@ -249,6 +249,35 @@ def test_compiled_padding_mask_has_no_graph_break_and_gaps_are_named():
         compiled(module, q, k, v, mask, position_ids=pos)
 
 
+def test_padding_mask_syncs_once_per_forward_not_per_layer():
+    """Eager, whether a padding mask has gaps is read on the host once per mask: a 4-layer model makes as many host
+    syncs (`_local_scalar_dense`: item, bool, tolist) in a padded forward as a 2-layer one, and the logits match sdpa's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountSyncs(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountSyncs.count += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    input_ids, attention_mask = padded(side="left")
+    patch(["llama"])
+    counts = {}
+    for layers in (2, 4):
+        model = build("llama", ATTN_IMPLEMENTATION, num_hidden_layers=layers)
+        with torch.no_grad():
+            model(input_ids, attention_mask=attention_mask)  # builds each layer's RopeSpec once
+            CountSyncs.count = 0
+            with CountSyncs():
+                logits = model(input_ids, attention_mask=attention_mask).logits
+        counts[layers] = CountSyncs.count
+        want = build("llama", "sdpa", num_hidden_layers=layers)(input_ids, attention_mask=attention_mask).logits
+        keep = attention_mask.bool()
+        torch.testing.assert_close(logits[keep], want[keep].detach(), rtol=1e-5, atol=1e-5)
+    assert counts[4] == counts[2] <= 2, counts
+
+
 @pytest.mark.parametrize("what,family,overrides,call,message", [
     ("soft-capping", "gemma2", {}, {}, "soft-capping"),
     ("sliding window shorter than the keys", "mistral", {"sliding_window": 4}, {}, "sliding_window=4"),

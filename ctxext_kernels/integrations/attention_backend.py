@@ -32,7 +32,8 @@ keys, 4-D masks, custom mask functions, `output_attentions=True`, and any keywor
 Host syncs: none in the training path (unpadded rows, no mask, increasing or PoSE-skipped position ids, a batch of
 more than one row) and none under `torch.compile` with a padding mask, so a training step and a static-cache decode
 step each compile with `torch.compile(fullgraph=True)` (a mask with gaps then fails a device-side assert). Eager, a
-padding mask costs one sync per layer (gaps?) and more to unpad one that has gaps; a single row's position ids are
+padding mask costs one sync per forward (gaps? read once per mask, not per layer) and more to unpad one that has
+gaps; a single row's position ids are
 searched for restarts (packing, one sync per layer, like transformers' flash path); building the mask syncs once per
 forward when a mask is given (does it pad anything?) or a static cache has none (how many keys are written? under
 transformers 4.x: any cache).
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..ops.attention import rope_attention
 from ..ops.spec import RopeSpec
@@ -206,8 +208,8 @@ def _masked_attention(query, key, value, mask, positions, spec, sliding_window, 
     costs nothing: the kernel attends views of the written slots and reads no data on the host, which keeps a
     static-cache decode step inside one `torch.compile(fullgraph=True)` graph. That is exact unless a query would see
     a padding slot after its row's first key (a gap: right padding followed by more tokens; with `is_causal=False`,
-    any padding after the first key). Eager, one host sync finds gaps and such batches take `_gathered_attention`;
-    compiled, a device-side assert names them.
+    any padding after the first key). Eager, one host sync per mask (not per layer) finds gaps and such batches take
+    `_gathered_attention`; compiled, a device-side assert names them.
     """
     batch, n_heads, q_len, head_dim = query.shape
     key_len = mask.shape[-1]
@@ -218,21 +220,36 @@ def _masked_attention(query, key, value, mask, positions, spec, sliding_window, 
     query_mask = key_mask[:, key_len - q_len:]
     slots = torch.arange(key_len, device=key_mask.device)
     leftpad = torch.where(key_mask, slots, key_len).amin(-1)  # a row with no key: key_len, so it attends nothing
-    # padding slots from each row's first key up to each query (all of them when every query sees every key)
-    padding_seen = torch.cumsum(~key_mask, -1) - leftpad[:, None]
-    if flags["causal"]:
-        gaps = (query_mask & (padding_seen[:, key_len - q_len:] > 0)).any()
-    else:
-        gaps = (query_mask.any(-1) & (padding_seen[:, -1] > 0)).any()
+
+    def gaps() -> torch.Tensor:  # padding slots from a row's first key up to a query (to the end if not causal)
+        padding_seen = torch.cumsum(~key_mask, -1) - leftpad[:, None]
+        if flags["causal"]:
+            return (query_mask & (padding_seen[:, key_len - q_len:] > 0)).any()
+        return (query_mask.any(-1) & (padding_seen[:, -1] > 0)).any()
+
     if torch.compiler.is_compiling():
-        torch._assert_async(~gaps, f"attn_implementation={ATTN_IMPLEMENTATION!r} under torch.compile serves "
+        torch._assert_async(~gaps(), f"attn_implementation={ATTN_IMPLEMENTATION!r} under torch.compile serves "
                             "left- and right-padded rows, not padding between tokens of a row; run it eagerly")
-    elif bool(gaps):
+    elif _has_gaps(mask, (flags["causal"], q_len), gaps):
         return _gathered_attention(query, key, value, key_mask, positions, spec, sliding_window, flags)
     _check_window(sliding_window, key_len, lambda: int((key_len - leftpad).max()))
     out = rope_attention(query, key[:, :, :key_len], value[:, :, :key_len], positions, spec, layout="bhsd",
                          k_leftpad=leftpad.to(torch.int32), **flags).transpose(1, 2)
     return out * query_mask[:, :, None, None]  # right-padded queries saw padding: 0, as the gathered path gives
+
+
+# mask -> (its version, causal, queries; whether it has gaps): every layer of a forward gets the same mask tensor
+_GAPS_SEEN = WeakIdKeyDictionary()  # by identity: tensors compare elementwise
+
+
+def _has_gaps(mask: torch.Tensor, use: tuple, gaps) -> bool:
+    """bool(gaps()), read on the host once per mask and use rather than once per layer."""
+    key = (mask._version, *use)
+    known = _GAPS_SEEN.get(mask)
+    if known is None or known[0] != key:
+        known = (key, bool(gaps()))
+        _GAPS_SEEN[mask] = known
+    return known[1]
 
 
 def _gathered_attention(query, key, value, key_mask, positions, spec, sliding_window, flags) -> torch.Tensor:
