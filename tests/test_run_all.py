@@ -32,10 +32,12 @@ def test_smoke_run_writes_every_report_and_marks_what_its_budget_left_out(tmp_pa
         rows = re.findall(r"^\| (\w+) \| (\d+) \| (\d+) \| (.+) \|$", table, re.M)
         assert [row[0] for row in rows] == steps and all(row[3] == "ok" for row in rows), table
 
-    # the GPU tests: both kernel families picked by their marker, nothing CPU-only; here all skipped (no GPU)
+    # the GPU tests: both kernel families (and the attention's left-padded keys) picked by their marker, nothing
+    # CPU-only; here all skipped (no GPU)
     pytest_log = (results / "logs" / "pytest_gpu.log").read_text()
     skips = re.findall(r"^SKIPPED \[(\d+)\] (tests/\w+\.py):\d+: (.*)$", pytest_log, re.M)
-    assert {name for _, name, _ in skips} == {"tests/test_rope.py", "tests/test_rope_attention.py"}, pytest_log
+    assert {name for _, name, _ in skips} == {"tests/test_rope.py", "tests/test_rope_attention.py",
+                                              "tests/test_attention_cached_keys.py"}, pytest_log
     assert all(reason.startswith("needs a GPU") for *_, reason in skips)
     total = re.search(r"(\d+) skipped, \d+ deselected", pytest_log)
     assert total and int(total[1]) == sum(int(count) for count, _, _ in skips) >= 80
