@@ -33,10 +33,9 @@ Host syncs: none in the training path (unpadded rows, no mask, increasing or PoS
 more than one row) and none under `torch.compile` with a padding mask, so a training step and a static-cache decode
 step each compile with `torch.compile(fullgraph=True)` (a mask with gaps then fails a device-side assert). Eager, a
 padding mask costs one sync per forward (gaps? read once per mask, not per layer) and more to unpad one that has
-gaps; a single row's position ids are
-searched for restarts (packing, one sync per layer, like transformers' flash path); building the mask syncs once per
-forward when a mask is given (does it pad anything?) or a static cache has none (how many keys are written? under
-transformers 4.x: any cache).
+gaps; a single row's position ids are searched for restarts (packing, one sync per layer, like transformers' flash
+path); building the mask syncs once per forward when a mask is given (does it pad anything?) or a static cache has
+none (how many keys are written? under transformers 4.x: any cache).
 """
 
 from __future__ import annotations
