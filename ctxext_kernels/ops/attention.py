@@ -296,9 +296,7 @@ def _rope_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
                              softmax_scale: float, causal: bool, layout: str, interleaved: bool, exact: bool,
                              k_rotated: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the unrotated q, of k (unrotated unless k_rotated) and of v."""
-    # the fused dK/dV kernel writes the keys it attends to: padding slots keep these zeros
-    new_kv = torch.empty_like if k_leftpad is None else torch.zeros_like
-    dq, dk, dv = torch.empty_like(q), new_kv(k), new_kv(v)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if backend == "torch":
         grads = _reference_attention_backward(*(_canonical(x, layout) for x in (grad_out, q, k, v)), positions,
                                               inv_freq, cu_seqlens, cu_seqlens_k, k_leftpad, scaling, softmax_scale,

@@ -468,10 +468,13 @@ def attention_backward(grad_out, q_rot, k, v, out, lse, dq, dk, dv, positions, i
                        rotate: bool = True, k_leftpad: torch.Tensor | None = None) -> None:
     """Fused backward into dq (w.r.t. the unrotated q when `rotate`: rotated back in the dQ kernel's epilogue), dk
     (w.r.t. the rotated k) and dv. q_rot: q rotated by the RoPE op (q itself without `rotate`); the rest as
-    `attention_forward` (with `k_leftpad`, dk and dv are not written at the padding slots)."""
+    `attention_forward` (with `k_leftpad`, dk and dv are 0 at the padding slots)."""
     n_q_heads, n_kv_heads = q_rot.shape[2], k.shape[2]
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dQ kernel, read by the dK/dV kernel
+    if k_leftpad is not None:  # the dK/dV kernel writes only the keys it attends to: padding slots get 0 here
+        dk.zero_()
+        dv.zero_()
     capability = triton_configs.capability(q_rot.device)
     cu_q = positions if cu_seqlens_q is None else cu_seqlens_q
     cu_k = _key_bounds(positions, cu_seqlens_k, k_leftpad)
